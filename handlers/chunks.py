@@ -1,0 +1,180 @@
+"""Turn an OpenAI-style ``chat.completion.chunk`` stream into thinkstream events.
+
+Pure: decoded server-sent events in, event-contract objects out. It knows the
+provider dialects: reasoning as ``delta.reasoning_content`` (DeepSeek,
+SiliconFlow), as ``delta.reasoning`` (vLLM, OpenRouter, Ollama) or inside a
+leading ``<think>`` block of the content; tool-call fragments; the final usage
+chunk whose ``choices`` is empty; ``[DONE]``; and errors sent as data or as
+``event: error``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from .errors import UpstreamError, UpstreamProtocolError
+from .sse_decoder import ServerSentEvent
+from .think_tags import ThinkSplitter
+
+__all__ = ["ChunkTranslator", "normalize_usage"]
+
+Event = dict[str, Any]
+
+
+class ChunkTranslator:
+    """Stateful: one per upstream response."""
+
+    __slots__ = ("_think", "done", "finish_reason", "usage")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+        self._think = ThinkSplitter()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the answer is whole: ``[DONE]`` seen, or at least a finish reason."""
+        return self.done or self.finish_reason is not None
+
+    def feed(self, events: list[ServerSentEvent]) -> list[Event]:
+        """Translate decoded events; raise :class:`UpstreamError` on an in-band error."""
+        out: list[Event] = []
+        for sse in events:
+            if self.done:
+                break
+            if sse.event == "error":
+                raise _in_band_error(sse.data)
+            if sse.event != "message":
+                continue  # No OpenAI-compatible provider sends others; ignore, as a browser would.
+            data = sse.data
+            if data.strip() == "[DONE]":
+                self.done = True
+                out.extend(self._flush())
+                break
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamProtocolError(
+                    f"the provider sent a line that is not JSON: {data[:200]!r}", code="upstream_bad_json"
+                ) from None
+            if not isinstance(chunk, dict):
+                raise UpstreamProtocolError(
+                    f"the provider sent JSON that is not an object: {data[:200]!r}", code="upstream_bad_json"
+                )
+            if chunk.get("error") is not None:
+                raise _error_from_object(chunk)
+            self._chunk(chunk, out)
+        return out
+
+    def done_event(self) -> Event:
+        """The ``done`` event for a whole answer, before the relay adds timings."""
+        return {"type": "done", "finish_reason": self.finish_reason, "usage": self.usage}
+
+    def close(self) -> list[Event]:
+        """End of the upstream body: release text held back by the ``<think>`` splitter."""
+        return self._flush()
+
+    def _chunk(self, chunk: dict[str, Any], out: list[Event]) -> None:
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = normalize_usage(usage)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list):
+            return
+        for choice in choices:
+            # Only the first choice is relayed: the contract is one answer per stream.
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                self._delta(delta, out)
+            finish = choice.get("finish_reason")
+            if isinstance(finish, str) and finish:
+                if finish == "error":
+                    raise _error_from_object(chunk)
+                self.finish_reason = finish
+
+    def _delta(self, delta: dict[str, Any], out: list[Event]) -> None:
+        reasoning = delta.get("reasoning_content")
+        if not isinstance(reasoning, str) or not reasoning:
+            reasoning = delta.get("reasoning")
+        if isinstance(reasoning, str) and reasoning:
+            out.append({"type": "reasoning", "text": reasoning})
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            thought, answer = self._think.feed(content)
+            if thought:
+                out.append({"type": "reasoning", "text": thought})
+            if answer:
+                out.append({"type": "content", "text": answer})
+        tool_calls = delta.get("tool_calls")
+        if isinstance(tool_calls, list):
+            for call in tool_calls:
+                if isinstance(call, dict):
+                    out.append(_tool_call(call))
+
+    def _flush(self) -> list[Event]:
+        thought, answer = self._think.close()
+        out: list[Event] = []
+        if thought:
+            out.append({"type": "reasoning", "text": thought})
+        if answer:
+            out.append({"type": "content", "text": answer})
+        return out
+
+
+def _tool_call(call: dict[str, Any]) -> Event:
+    event: Event = {"type": "tool_call", "index": call.get("index", 0)}
+    if isinstance(call.get("id"), str):
+        event["id"] = call["id"]
+    function = call.get("function")
+    if not isinstance(function, dict):
+        function = {}
+    if isinstance(function.get("name"), str):
+        event["name"] = function["name"]
+    arguments = function.get("arguments")
+    event["arguments"] = arguments if isinstance(arguments, str) else ""
+    return event
+
+
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+def normalize_usage(usage: dict[str, Any]) -> dict[str, int]:
+    """Keep the token counts every provider shares, plus reasoning tokens when given."""
+    out = {name: usage[name] for name in _USAGE_FIELDS if isinstance(usage.get(name), int)}
+    details = usage.get("completion_tokens_details")
+    reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
+    if reasoning is None:
+        reasoning = usage.get("reasoning_tokens")
+    if isinstance(reasoning, int):
+        out["reasoning_tokens"] = reasoning
+    return out
+
+
+def _in_band_error(data: str) -> UpstreamError:
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return UpstreamError(data.strip()[:500] or "the provider reported an error")
+    if isinstance(body, dict):
+        return _error_from_object(body)
+    return UpstreamError(str(body)[:500])
+
+
+def _error_from_object(body: dict[str, Any]) -> UpstreamError:
+    """An error object sent inside the stream (OpenAI, OpenRouter and vLLM shapes)."""
+    error = body.get("error", body)
+    status: int | None = None
+    if isinstance(error, dict):
+        message = error.get("message") or error.get("msg") or "the provider reported an error"
+        code = error.get("code")
+        if isinstance(code, int) and 400 <= code < 600:
+            status = code
+    else:
+        message = str(error)
+    retryable = status is None or status == 429 or status >= 500
+    return UpstreamError(str(message)[:2000], retryable=retryable, upstream_status=status)

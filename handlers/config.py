@@ -1,0 +1,289 @@
+"""thinkstream's configuration: one frozen object, every setting declared once.
+
+Each field of :class:`Config` carries its documentation, its environment
+variables and its command-line flag in ``metadata``; the ``--help`` text, the
+environment reader and the README check in the tests are all made from that
+single declaration, so a setting cannot exist undocumented.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from yarl import URL
+
+__all__ = ["DEEPSEEK_BASE_URL", "OPENAI_BASE_URL", "Config", "ConfigError", "load_config", "settings"]
+
+DEEPSEEK_BASE_URL = "https://api.deepseek.com"
+DEEPSEEK_DEFAULT_MODEL = "deepseek-reasoner"
+OPENAI_BASE_URL = "https://api.openai.com/v1"
+DEMO_MODEL = "demo"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the relay cannot use."""
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    env: Sequence[str] = (),
+    flag: str | None = None,
+    secret: bool = False,
+) -> Any:
+    return field(
+        default=default,
+        repr=not secret,
+        metadata={"help": help, "env": tuple(env), "flag": flag, "secret": secret},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything ``create_app`` needs; validated as soon as it is made."""
+
+    host: str = _setting(
+        "127.0.0.1",
+        "Address to listen on. Anything but loopback exposes the relay (and your key's budget).",
+        env=["THINKSTREAM_HOST"],
+        flag="--host",
+    )
+    port: int = _setting(8080, "TCP port to listen on.", env=["THINKSTREAM_PORT"], flag="--port")
+    base_url: str | None = _setting(
+        None,
+        "Base URL of the OpenAI-compatible API, up to but not including /chat/completions. "
+        "Unset: the embedded demo model (no key, no network); with only DEEPSEEK_API_KEY "
+        f"set: {DEEPSEEK_BASE_URL}; with only OPENAI_API_KEY set: {OPENAI_BASE_URL}.",
+        env=["LLM_BASE_URL", "OPENAI_BASE_URL"],
+        flag="--base-url",
+    )
+    api_key: str | None = _setting(
+        None,
+        "The provider's API key, sent upstream as a Bearer token and nowhere else. "
+        "Environment only, so it never shows in a process list.",
+        env=["LLM_API_KEY", "OPENAI_API_KEY", "DEEPSEEK_API_KEY"],
+        secret=True,
+    )
+    model: str | None = _setting(
+        None,
+        f"Model used when the client names none. Defaults to '{DEMO_MODEL}' for the demo and "
+        f"'{DEEPSEEK_DEFAULT_MODEL}' for DeepSeek; required for any other provider.",
+        env=["LLM_MODEL"],
+        flag="--model",
+    )
+    models: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated models a client may ask for; the default model is always allowed.",
+        env=["THINKSTREAM_MODELS"],
+        flag="--models",
+    )
+    include_usage: bool = _setting(
+        True,
+        "Ask the provider for token usage (stream_options.include_usage).",
+        env=["THINKSTREAM_INCLUDE_USAGE"],
+        flag="--include-usage",
+    )
+    connect_timeout: float = _setting(
+        10.0,
+        "Seconds to wait for a connection to the provider.",
+        env=["THINKSTREAM_CONNECT_TIMEOUT"],
+        flag="--connect-timeout",
+    )
+    read_timeout: float = _setting(
+        300.0,
+        "Seconds the provider may stay silent (no byte, not even a keep-alive) before the "
+        "stream fails. Generous, because reasoning models can think for minutes.",
+        env=["THINKSTREAM_READ_TIMEOUT"],
+        flag="--read-timeout",
+    )
+    keepalive: float = _setting(
+        15.0,
+        "Seconds between SSE keep-alive comments sent to clients.",
+        env=["THINKSTREAM_KEEPALIVE"],
+        flag="--keepalive",
+    )
+    retry_ms: int = _setting(
+        3000,
+        "The SSE retry: value (milliseconds) sent on each stream's first event.",
+        env=["THINKSTREAM_RETRY_MS"],
+        flag="--retry-ms",
+    )
+    max_body_bytes: int = _setting(
+        1 << 20,
+        "Largest POST /stream body accepted, in bytes (larger: 413).",
+        env=["THINKSTREAM_MAX_BODY_BYTES"],
+        flag="--max-body-bytes",
+    )
+    max_line_bytes: int = _setting(
+        1 << 20,
+        "Longest line accepted from the provider's stream, in bytes.",
+        env=["THINKSTREAM_MAX_LINE_BYTES"],
+        flag="--max-line-bytes",
+    )
+    demo_delay: float = _setting(
+        0.03,
+        "Demo model: seconds between tokens (0 = as fast as possible).",
+        env=["THINKSTREAM_DEMO_DELAY"],
+        flag="--demo-delay",
+    )
+    demo_tokens: int = _setting(
+        0,
+        "Demo model: answer length in tokens (0 = its natural length of about 200).",
+        env=["THINKSTREAM_DEMO_TOKENS"],
+        flag="--demo-tokens",
+    )
+    log_level: str = _setting(
+        "INFO",
+        "Logging level: DEBUG, INFO, WARNING or ERROR.",
+        env=["THINKSTREAM_LOG_LEVEL"],
+        flag="--log-level",
+    )
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def uses_demo(self) -> bool:
+        """True when no provider is configured and the embedded demo answers."""
+        return self.base_url is None
+
+    @property
+    def default_model(self) -> str:
+        if self.model:
+            return self.model
+        return DEMO_MODEL
+
+    @property
+    def allowed_models(self) -> tuple[str, ...]:
+        """The default model first, then the extra ones, without repeats."""
+        return tuple(dict.fromkeys((self.default_model, *self.models)))
+
+
+def settings() -> tuple[dataclasses.Field[Any], ...]:
+    """The declared settings, in order."""
+    return dataclasses.fields(Config)
+
+
+def _validate(config: Config) -> None:
+    if not 0 <= config.port <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, not {config.port}")
+    if config.base_url is not None:
+        url = URL(config.base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigError(
+                f"base URL {config.base_url!r} must be an absolute http:// or https:// URL, "
+                "for example https://api.deepseek.com or http://localhost:11434/v1"
+            )
+        if not config.model:
+            raise ConfigError(
+                "no model is set for the provider: set LLM_MODEL or pass --model "
+                "(for example gpt-4.1-mini, deepseek-reasoner or qwen3:8b)"
+            )
+    for name in ("connect_timeout", "read_timeout", "keepalive"):
+        value = getattr(config, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"{name} must be a positive number of seconds, not {value}")
+    for name in ("max_body_bytes", "max_line_bytes"):
+        if getattr(config, name) < 1024:
+            raise ConfigError(f"{name} must be at least 1024, not {getattr(config, name)}")
+    if config.retry_ms < 0:
+        raise ConfigError(f"retry_ms must not be negative, not {config.retry_ms}")
+    if config.demo_delay < 0 or not math.isfinite(config.demo_delay):
+        raise ConfigError(f"demo_delay must be zero or more seconds, not {config.demo_delay}")
+    if config.demo_tokens < 0:
+        raise ConfigError(f"demo_tokens must be zero or more, not {config.demo_tokens}")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, not {config.log_level!r}")
+    if any(not m or m != m.strip() for m in config.models):
+        raise ConfigError(f"models must be non-empty names without spaces around them: {config.models!r}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, not {text!r}")
+
+
+def _parse_models(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
+
+
+def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    default = f.default
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    if isinstance(default, tuple):
+        return _parse_models
+    return str
+
+
+def _convert(f: dataclasses.Field[Any], text: str, source: str) -> Any:
+    try:
+        return _parser_for(f)(text)
+    except ValueError:
+        raise ConfigError(f"{source}={text!r} is not a valid value for {f.name}") from None
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The ``server.py`` command line, generated from the settings."""
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description=(
+            "thinkstream: relay a streaming LLM chat completion to browsers over "
+            "Server-Sent Events, and serve the chat page. Command-line flags override "
+            "environment variables."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in settings():
+        env = ", ".join(f.metadata["env"])
+        help_text = f"{f.metadata['help']} Environment: {env}."
+        flag = f.metadata["flag"]
+        if flag is None:
+            # Settings without a flag (the API key) still appear in --help.
+            parser.epilog = (parser.epilog or "") + f"{f.name}: {help_text} "
+            continue
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(), help=help_text)
+    return parser
+
+
+def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
+    """Build the configuration from the command line over the environment."""
+    args = vars(argument_parser().parse_args(argv))
+    values: dict[str, Any] = {}
+    for f in settings():
+        if f.name in args:
+            values[f.name] = _convert(f, args[f.name], f.metadata["flag"])
+            continue
+        for name in f.metadata["env"]:
+            if environ.get(name, "").strip():
+                values[f.name] = _convert(f, environ[name].strip(), name)
+                break
+    _apply_provider_conventions(values, environ)
+    return Config(**values)
+
+
+def _apply_provider_conventions(values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """A lone DEEPSEEK_API_KEY means DeepSeek; a lone OPENAI_API_KEY means OpenAI."""
+    if "base_url" in values:
+        return
+    if environ.get("LLM_API_KEY", "").strip():
+        raise ConfigError("LLM_API_KEY is set but LLM_BASE_URL is not: set LLM_BASE_URL (or --base-url)")
+    if environ.get("OPENAI_API_KEY", "").strip():
+        values["base_url"] = OPENAI_BASE_URL
+    elif environ.get("DEEPSEEK_API_KEY", "").strip():
+        values["base_url"] = DEEPSEEK_BASE_URL
+        values.setdefault("model", DEEPSEEK_DEFAULT_MODEL)

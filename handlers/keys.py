@@ -1,0 +1,17 @@
+"""Typed keys for the state an application holds.
+
+Handlers read them through ``request.config_dict`` so that they find their
+own application's values when it is mounted as a sub-application.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from .config import Config
+
+__all__ = ["client_session_key", "config_key"]
+
+config_key = web.AppKey("config_key", Config)
+client_session_key = web.AppKey("client_session_key", aiohttp.ClientSession)

@@ -1,0 +1,134 @@
+"""Call the provider and yield thinkstream events as its stream arrives.
+
+This is the provider seam: :func:`stream_chat` is an async generator of event
+batches. Each batch holds the events one network read completed, so the
+writer can send them in one go. aiohttp's exceptions are translated here, and
+nowhere else, into the relay's own errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+
+from .chunks import ChunkTranslator, Event
+from .errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+)
+from .sse_decoder import LineTooLong, SSEDecoder
+
+__all__ = ["Upstream", "stream_chat"]
+
+logger = logging.getLogger(__name__)
+
+# How much of a provider's error body is read to find its message.
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where one request goes: the provider's base URL and its key."""
+
+    base_url: str
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return self.base_url.rstrip("/") + "/chat/completions"
+
+
+async def stream_chat(
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    payload: dict[str, Any],
+    *,
+    max_line: int,
+) -> AsyncGenerator[list[Event], None]:
+    """POST ``payload`` and yield batches of events until the answer is whole.
+
+    Ends normally only when the provider finished its answer, and then the
+    last event is ``done`` (without timings, which the caller adds); every
+    other end raises an :class:`UpstreamError` subclass.
+    """
+    headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
+    if upstream.api_key:
+        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    try:
+        async with session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
+            if response.status >= 400:
+                raise UpstreamStatusError(response.status, await _error_message(response))
+            if response.content_type != "text/event-stream":
+                raise UpstreamProtocolError(
+                    f"the provider answered {response.content_type or 'without a content type'} "
+                    f"instead of an event stream: {await _error_message(response)}",
+                    upstream_status=response.status,
+                )
+            decoder = SSEDecoder(max_line)
+            translator = ChunkTranslator()
+            async for chunk in response.content.iter_any():
+                batch = translator.feed(decoder.feed(chunk))
+                if translator.done:
+                    batch.append(translator.done_event())
+                    yield batch
+                    return
+                if batch:
+                    yield batch
+            tail = translator.feed(decoder.close()) + translator.close()
+            if translator.complete:
+                tail.append(translator.done_event())
+            if tail:
+                yield tail
+            if not translator.complete:
+                raise UpstreamError(
+                    "the provider's stream ended before the answer was finished",
+                    code="upstream_incomplete",
+                    retryable=True,
+                )
+    except LineTooLong as exc:
+        raise UpstreamProtocolError(str(exc), code="upstream_line_too_long") from None
+    except aiohttp.ClientConnectorDNSError as exc:
+        raise UpstreamConnectError(
+            f"cannot resolve the provider's host {exc.host!r}: check the base URL", code="upstream_dns"
+        ) from None
+    except aiohttp.ClientConnectorError as exc:
+        raise UpstreamConnectError(f"cannot connect to the provider at {exc.host}:{exc.port}: {exc.strerror}") from None
+    except aiohttp.ConnectionTimeoutError:
+        raise UpstreamTimeout("timed out connecting to the provider", code="upstream_connect_timeout") from None
+    except aiohttp.SocketTimeoutError:
+        raise UpstreamTimeout("the provider stopped sending data", code="upstream_idle_timeout") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        raise UpstreamError(
+            f"the connection to the provider broke: {exc}", code="upstream_disconnected", retryable=True
+        ) from None
+    except aiohttp.ClientError as exc:
+        logger.warning("upstream request failed: %r", exc)
+        raise UpstreamError(f"the request to the provider failed: {exc}") from None
+
+
+async def _error_message(response: aiohttp.ClientResponse) -> str:
+    """The provider's own words, from the JSON error shapes providers use."""
+    try:
+        raw = await response.content.read(_ERROR_BODY_LIMIT)
+    except aiohttp.ClientError:
+        raw = b""
+    text = raw.decode("utf-8", "replace").strip()
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return text[:500] or f"HTTP {response.status} {response.reason or ''}".strip()
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(error, dict):
+            error = error.get("message") or error.get("msg") or error
+        if isinstance(error, str) and error:
+            return error[:2000]
+    return text[:500]

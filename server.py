@@ -1,0 +1,56 @@
+"""Run thinkstream from the command line: ``python server.py --help``.
+
+This module only reads the command line and the environment, sets up logging
+and runs the app. Embedders import :func:`create_app` and :class:`Config`
+from here and mount the app wherever they like.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from handlers.app import create_app
+from handlers.config import Config, ConfigError, load_config
+
+__all__ = ["Config", "create_app", "main"]
+
+logger = logging.getLogger("thinkstream")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Start the server; return the process exit status."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except ConfigError as exc:
+        logger.error("cannot start: %s", exc)
+        return 2
+    logging.getLogger().setLevel(config.log_level.upper())
+    if config.uses_demo:
+        logger.info("no provider configured: answering with the embedded demo model (set LLM_BASE_URL to change)")
+    else:
+        logger.info("relaying to %s, model %s", config.base_url, config.default_model)
+    web.run_app(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        # No access log: GET /stream URLs carry the user's prompt.
+        access_log=None,
+        print=_announce,
+    )
+    return 0
+
+
+def _announce(banner: str) -> None:
+    """aiohttp's start-up banner ("Running on http://…"), as one log line."""
+    first = banner.strip().splitlines()[0].strip("= ")
+    logger.info("%s/ (Ctrl+C to stop)", first)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
