@@ -134,7 +134,7 @@ class Config:
     )
     demo_tokens: int = _setting(
         0,
-        "Demo model: answer length in tokens (0 = its natural length of about 200).",
+        "Demo model: answer length in tokens (0 = its natural length of about 100).",
         env=["THINKSTREAM_DEMO_TOKENS"],
         flag="--demo-tokens",
     )

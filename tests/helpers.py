@@ -1,0 +1,120 @@
+"""Test helpers: a fake provider that is a real aiohttp server, and readers of the relay's output.
+
+The fake provider replays ``text/event-stream`` transcripts from ``tests/data``
+(or any bytes a test gives it), split into network writes as the test says,
+and records every request it receives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from handlers.sse_decoder import SSEDecoder
+
+DATA = Path(__file__).parent / "data"
+
+
+def transcript(name: str) -> bytes:
+    """A recorded provider stream from ``tests/data``."""
+    return (DATA / name).read_bytes()
+
+
+@dataclass
+class Reply:
+    """What the fake provider answers to one request."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "text/event-stream"
+    # Sizes of the network writes; the rest of the body goes in the last one.
+    chunks: Sequence[int] = ()
+    delay: float = 0.0
+
+    @classmethod
+    def error(cls, status: int, payload: Any) -> Reply:
+        return cls(body=orjson.dumps(payload), status=status, content_type="application/json")
+
+
+@dataclass
+class FakeProvider:
+    """An OpenAI-compatible provider that replays scripted replies."""
+
+    reply: Reply = field(default_factory=Reply)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    base_url: str = ""
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(await request.json())
+        self.headers.append(dict(request.headers))
+        reply = self.reply
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})
+        await response.prepare(request)
+        for piece in _split(reply.body, reply.chunks):
+            await response.write(piece)
+            if reply.delay:
+                await asyncio.sleep(reply.delay)
+        await response.write_eof()
+        return response
+
+
+RelayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+def _split(body: bytes, sizes: Sequence[int]) -> list[bytes]:
+    pieces, start = [], 0
+    for size in sizes:
+        if start >= len(body):
+            break
+        pieces.append(body[start : start + size])
+        start += size
+    if start < len(body):
+        pieces.append(body[start:])
+    return pieces
+
+
+@dataclass(frozen=True)
+class Received:
+    """One event as a client of the relay received it."""
+
+    event: str
+    id: str
+    data: dict[str, Any]
+    retry: int | None = None
+
+
+def parse_sse(body: bytes) -> list[Received]:
+    """Decode the relay's SSE output (the decoder has its own spec tests)."""
+    decoder = SSEDecoder()
+    events = decoder.feed(body) + decoder.close()
+    return [Received(e.event, e.id, orjson.loads(e.data), e.retry) for e in events]
+
+
+async def collect(
+    client: TestClient[web.Request, web.Application], method: str = "GET", path: str = "/stream", **kwargs: Any
+) -> list[Received]:
+    """Make one streaming request and return every event it produced."""
+    async with client.request(method, path, **kwargs) as response:
+        assert response.status == 200, await response.text()
+        assert response.content_type == "text/event-stream"
+        return parse_sse(await response.read())
+
+
+def types(events: Sequence[Received]) -> list[str]:
+    return [e.event for e in events]
+
+
+def text_of(events: Sequence[Received], kind: str) -> str:
+    return "".join(e.data["text"] for e in events if e.event == kind)
+
+
+def without_timings(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if k not in ("ttft_ms", "duration_ms")}

@@ -1,0 +1,101 @@
+"""Each provider dialect's recorded stream becomes the same thinkstream events."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import FakeProvider, RelayFactory, Reply, collect, text_of, transcript, types, without_timings
+
+
+async def test_deepseek_reasoner_streams_reasoning_then_content(relay_to: RelayFactory, provider: FakeProvider) -> None:
+    provider.reply = Reply(transcript("deepseek_reasoner.sse"))
+    events = await collect(await relay_to(), params={"prompt": "greet me"})
+
+    assert types(events) == ["meta", "reasoning", "reasoning", "content", "content", "done"]
+    assert text_of(events, "reasoning") == "Okay, the user wants a greeting — 你好."
+    assert text_of(events, "content") == "Hello there! 👋"
+    assert without_timings(events[-1].data) == {
+        "type": "done",
+        "finish_reason": "stop",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30, "reasoning_tokens": 12},
+    }
+
+
+async def test_openai_tool_call_fragments_are_relayed_in_order(relay_to: RelayFactory, provider: FakeProvider) -> None:
+    provider.reply = Reply(transcript("openai_tool_calls.sse"))
+    events = await collect(await relay_to(), params={"prompt": "weather in Paris?"})
+
+    assert types(events) == ["meta", "tool_call", "tool_call", "tool_call", "done"]
+    assert [e.data for e in events[1:4]] == [
+        {"type": "tool_call", "index": 0, "id": "call_abc", "name": "get_weather", "arguments": ""},
+        {"type": "tool_call", "index": 0, "arguments": '{"city"'},
+        {"type": "tool_call", "index": 0, "arguments": ':"Paris"}'},
+    ]
+    assert events[-1].data["finish_reason"] == "tool_calls"
+
+
+async def test_openai_usage_from_the_final_chunk_with_empty_choices(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    provider.reply = Reply(transcript("openai_content.sse"))
+    events = await collect(await relay_to(), params={"prompt": "capital of France"})
+
+    assert text_of(events, "content") == "The capital of France is **Paris**."
+    assert events[-1].data["usage"] == {
+        "prompt_tokens": 12,
+        "completion_tokens": 9,
+        "total_tokens": 21,
+    }
+
+
+async def test_vllm_reasoning_field(relay_to: RelayFactory, provider: FakeProvider) -> None:
+    provider.reply = Reply(transcript("vllm_reasoning.sse"))
+    events = await collect(await relay_to(), params={"prompt": "2+2"})
+
+    assert text_of(events, "reasoning") == "Let me add 2 and 2."
+    assert text_of(events, "content") == "2 + 2 = 4"
+    assert events[-1].data["usage"]["completion_tokens"] == 12
+
+
+async def test_openrouter_processing_comments_and_crlf_lines(relay_to: RelayFactory, provider: FakeProvider) -> None:
+    provider.reply = Reply(transcript("openrouter_reasoning.sse"))
+    events = await collect(await relay_to(), params={"prompt": "think"})
+
+    assert types(events) == ["meta", "reasoning", "reasoning", "content", "content", "done"]
+    assert text_of(events, "reasoning") == "Thinking hard."
+    assert events[-1].data["usage"]["reasoning_tokens"] == 4
+
+
+async def test_think_block_in_content_becomes_reasoning_and_never_leaks(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    provider.reply = Reply(transcript("think_in_content.sse"))
+    events = await collect(await relay_to(), params={"prompt": "2+2"})
+
+    assert text_of(events, "reasoning").strip() == "The user asks for 2+2."
+    assert text_of(events, "content") == "It is 4 <not a tag>."
+    assert all("think>" not in e.data.get("text", "") for e in events)
+
+
+ALL_TRANSCRIPTS = [
+    "deepseek_reasoner.sse",
+    "openai_tool_calls.sse",
+    "openai_content.sse",
+    "vllm_reasoning.sse",
+    "openrouter_reasoning.sse",
+    "think_in_content.sse",
+]
+
+
+@pytest.mark.parametrize("name", ALL_TRANSCRIPTS)
+@pytest.mark.parametrize("size", [1, 7, 64], ids=lambda n: f"{n}-byte-writes")
+async def test_network_chunking_does_not_change_the_events(
+    relay_to: RelayFactory, provider: FakeProvider, name: str, size: int
+) -> None:
+    body = transcript(name)
+    client = await relay_to()
+    provider.reply = Reply(body)
+    whole = await collect(client, params={"prompt": "x"})
+    provider.reply = Reply(body, chunks=[size] * len(body), delay=0.0005 if size == 1 else 0.0)
+    split = await collect(client, params={"prompt": "x"})
+
+    assert [without_timings(e.data) for e in split[1:]] == [without_timings(e.data) for e in whole[1:]]

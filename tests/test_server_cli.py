@@ -1,0 +1,87 @@
+"""``python server.py``: starts, says where it listens, serves, and stops cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+from helpers import parse_sse
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _clean_env() -> dict[str, str]:
+    """The test runner's environment without any provider settings."""
+    prefixes = ("LLM_", "OPENAI_", "DEEPSEEK_", "THINKSTREAM_")
+    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+
+
+async def test_server_py_serves_the_page_and_the_demo_then_stops_on_sigint() -> None:
+    port = _free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "server.py",
+        "--port",
+        str(port),
+        "--demo-delay",
+        "0",
+        cwd=ROOT,
+        env=_clean_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    try:
+        log = b""
+        async with asyncio.timeout(20):
+            while f"http://127.0.0.1:{port}".encode() not in log:
+                line = await process.stderr.readline()
+                assert line, f"server exited early: {log.decode()}"
+                log += line
+        assert b"demo model" in log
+
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/") as page:
+                assert page.status == 200
+                assert page.headers["Content-Security-Policy"].startswith("default-src 'self'")
+            async with session.get(f"http://127.0.0.1:{port}/stream", params={"prompt": "hi"}) as response:
+                events = parse_sse(await response.read())
+        assert events[-1].event == "done"
+    finally:
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            rest = await process.stderr.read()
+            code = await process.wait()
+
+    assert code == 0
+    assert b"Traceback" not in rest
+
+
+async def test_a_bad_setting_exits_with_status_2_and_a_message() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "server.py",
+        "--base-url",
+        "not a url",
+        "--model",
+        "m",
+        cwd=ROOT,
+        env=_clean_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(20):
+        _, err = await process.communicate()
+
+    assert process.returncode == 2
+    assert b"absolute http" in err
+    assert b"Traceback" not in err
