@@ -26,10 +26,12 @@ Event = dict[str, Any]
 class ChunkTranslator:
     """Stateful: one per upstream response."""
 
-    __slots__ = ("_think", "done", "finish_reason", "usage")
+    __slots__ = ("_think", "done", "error", "finish_reason", "usage")
 
     def __init__(self) -> None:
         self.done = False
+        # An in-band error stops the translation; events before it still count.
+        self.error: UpstreamError | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
         self._think = ThinkSplitter()
@@ -40,10 +42,18 @@ class ChunkTranslator:
         return self.done or self.finish_reason is not None
 
     def feed(self, events: list[ServerSentEvent]) -> list[Event]:
-        """Translate decoded events; raise :class:`UpstreamError` on an in-band error."""
+        """Translate decoded events, up to ``[DONE]`` or an in-band error (see ``error``)."""
         out: list[Event] = []
+        try:
+            self._feed(events, out)
+        except UpstreamError as exc:
+            self.error = exc
+            out.extend(self._flush())
+        return out
+
+    def _feed(self, events: list[ServerSentEvent], out: list[Event]) -> None:
         for sse in events:
-            if self.done:
+            if self.done or self.error is not None:
                 break
             if sse.event == "error":
                 raise _in_band_error(sse.data)
@@ -67,7 +77,6 @@ class ChunkTranslator:
             if chunk.get("error") is not None:
                 raise _error_from_object(chunk)
             self._chunk(chunk, out)
-        return out
 
     def done_event(self) -> Event:
         """The ``done`` event for a whole answer, before the relay adds timings."""
@@ -159,10 +168,10 @@ def _in_band_error(data: str) -> UpstreamError:
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return UpstreamError(data.strip()[:500] or "the provider reported an error")
+        return UpstreamError(data.strip()[:500] or "the provider reported an error", retryable=True)
     if isinstance(body, dict):
         return _error_from_object(body)
-    return UpstreamError(str(body)[:500])
+    return UpstreamError(str(body)[:500], retryable=True)
 
 
 def _error_from_object(body: dict[str, Any]) -> UpstreamError:
@@ -176,5 +185,6 @@ def _error_from_object(body: dict[str, Any]) -> UpstreamError:
             status = code
     else:
         message = str(error)
+    # Without a status, assume the provider's side failed (overload, crash): worth a retry.
     retryable = status is None or status == 429 or status >= 500
     return UpstreamError(str(message)[:2000], retryable=retryable, upstream_status=status)

@@ -41,8 +41,9 @@ class LineTooLong(ValueError):
 class SSEDecoder:
     """Feed it bytes as they arrive; it returns the events they complete.
 
-    ``max_line`` bounds the memory a single unterminated line may hold, so a
-    misbehaving upstream cannot grow the process without limit.
+    ``max_line`` bounds the length of a line, so a misbehaving upstream cannot
+    grow the process without limit. A longer line stops the decoder: the
+    events before it are still returned, and ``error`` says what happened.
     """
 
     __slots__ = (
@@ -55,6 +56,7 @@ class SSEDecoder:
         "_retry",
         "_skip_lf",
         "_started",
+        "error",
     )
 
     def __init__(self, max_line: int = 1 << 20) -> None:
@@ -69,9 +71,12 @@ class SSEDecoder:
         # The last event ID persists across events, as in the spec.
         self._last_id = ""
         self._retry: int | None = None
+        self.error: LineTooLong | None = None
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
         """Decode ``chunk`` and return the events it completes, in order."""
+        if self.error is not None:
+            return []
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -87,21 +92,25 @@ class SSEDecoder:
             self._buffer = b""
             if lines and not lines[-1].endswith((b"\n", b"\r")):
                 self._buffer = lines.pop()
-            if lines and lines[-1].endswith(b"\r"):
-                self._skip_lf = True
+            # Only a CR that ends the chunk can be half of a CRLF split across chunks.
+            self._skip_lf = buffer.endswith(b"\r")
             lines = [_strip_eol(line) for line in lines]
-        if len(self._buffer) > self._max_line:
-            raise LineTooLong(self._max_line)
+        limit = self._max_line
         for raw in lines:
+            if len(raw) > limit:
+                self.error = LineTooLong(limit)
+                return events
             event = self._line(raw)
             if event is not None:
                 events.append(event)
+        if len(self._buffer) > limit:
+            self.error = LineTooLong(limit)
         return events
 
     def close(self) -> list[ServerSentEvent]:
         """End of stream: an unterminated last line is processed, but per the
         spec an event not followed by a blank line is never dispatched."""
-        if self._buffer:
+        if self._buffer and self.error is None:
             self._line(self._buffer)
             self._buffer = b""
         return []

@@ -24,7 +24,7 @@ from .errors import (
     UpstreamStatusError,
     UpstreamTimeout,
 )
-from .sse_decoder import LineTooLong, SSEDecoder
+from .sse_decoder import SSEDecoder
 
 __all__ = ["Upstream", "stream_chat"]
 
@@ -69,8 +69,7 @@ async def stream_chat(
             if response.content_type != "text/event-stream":
                 raise UpstreamProtocolError(
                     f"the provider answered {response.content_type or 'without a content type'} "
-                    f"instead of an event stream: {await _error_message(response)}",
-                    upstream_status=response.status,
+                    f"instead of an event stream: {await _error_message(response)}"
                 )
             decoder = SSEDecoder(max_line)
             translator = ChunkTranslator()
@@ -82,19 +81,25 @@ async def stream_chat(
                     return
                 if batch:
                     yield batch
+                # Raised only now, so that the events before a failure are relayed first.
+                if translator.error is not None:
+                    raise translator.error
+                if decoder.error is not None:
+                    raise UpstreamProtocolError(str(decoder.error), code="upstream_line_too_long")
             tail = translator.feed(decoder.close()) + translator.close()
-            if translator.complete:
+            finished = translator.complete and translator.error is None
+            if finished:
                 tail.append(translator.done_event())
             if tail:
                 yield tail
-            if not translator.complete:
+            if translator.error is not None:
+                raise translator.error
+            if not finished:
                 raise UpstreamError(
                     "the provider's stream ended before the answer was finished",
                     code="upstream_incomplete",
                     retryable=True,
                 )
-    except LineTooLong as exc:
-        raise UpstreamProtocolError(str(exc), code="upstream_line_too_long") from None
     except aiohttp.ClientConnectorDNSError as exc:
         raise UpstreamConnectError(
             f"cannot resolve the provider's host {exc.host!r}: check the base URL", code="upstream_dns"

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handlers.chunks import ChunkTranslator, normalize_usage
-from handlers.errors import UpstreamError
 from handlers.sse_decoder import ServerSentEvent, SSEDecoder
 
 TRANSCRIPTS = [
@@ -128,14 +127,27 @@ def test_usage_keeps_the_shared_counts_and_reasoning_tokens(usage: dict[str, Any
 
 def test_an_error_object_in_the_data_carries_the_providers_status() -> None:
     translator = ChunkTranslator()
+    translator.feed([message({"error": {"message": "overloaded", "code": 503}})])
 
-    with pytest.raises(UpstreamError) as caught:
-        translator.feed([message({"error": {"message": "overloaded", "code": 503}})])
-
-    assert caught.value.event() == {
+    assert translator.error is not None
+    assert translator.error.event() == {
         "type": "error",
         "code": "upstream_error",
         "message": "overloaded",
         "status": 503,
         "retryable": True,
     }
+
+
+def test_events_before_an_in_band_error_are_kept_and_nothing_after_it() -> None:
+    translator = ChunkTranslator()
+    out = translator.feed(
+        [
+            message({"choices": [{"index": 0, "delta": {"content": "kept"}}]}),
+            ServerSentEvent('{"message": "boom"}', event="error"),
+            message({"choices": [{"index": 0, "delta": {"content": "dropped"}}]}),
+        ]
+    )
+
+    assert out == [{"type": "content", "text": "kept"}]
+    assert translator.error is not None and translator.error.message == "boom"

@@ -28,7 +28,9 @@ def test_readme_documents_every_setting(setting: object) -> None:
 
 
 def test_help_documents_every_setting() -> None:
-    result = subprocess.run([sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "server.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     text = " ".join(result.stdout.split())
 
     for setting in SETTINGS:

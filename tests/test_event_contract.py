@@ -7,7 +7,9 @@ import pytest
 from helpers import FakeProvider, RelayFactory, Reply, collect, transcript, types
 
 
-async def test_first_event_is_meta_with_stream_id_model_and_retry(relay_to: RelayFactory, provider: FakeProvider) -> None:
+async def test_first_event_is_meta_with_stream_id_model_and_retry(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
     provider.reply = Reply(transcript("deepseek_reasoner.sse"))
     events = await collect(await relay_to(retry_ms=1500), params={"prompt": "hi"})
 
@@ -71,7 +73,9 @@ async def test_answer_without_tokens_has_no_time_to_first_token(relay_to: RelayF
     assert events[-1].data["usage"] is None
 
 
-async def test_stream_headers_forbid_caching_and_proxy_buffering(relay_to: RelayFactory, provider: FakeProvider) -> None:
+async def test_stream_headers_forbid_caching_and_proxy_buffering(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
     provider.reply = Reply(transcript("openai_content.sse"))
     client = await relay_to()
     async with client.get("/stream", params={"prompt": "hi"}, headers={"Accept-Encoding": "gzip"}) as response:

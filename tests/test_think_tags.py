@@ -1,0 +1,231 @@
+"""Specification of the splitter that takes a leading ``<think>…</think>`` block out of content.
+
+``feed(text)`` returns the ``(reasoning, content)`` a delta makes certain; ``close()``
+releases what was held back. Only a ``<think>`` at the very start of the content (after
+optional whitespace) opens a block, and tags may be split across deltas in any way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import combinations, pairwise
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from handlers.think_tags import ThinkSplitter
+
+ANSWER = "<think>reasoning here</think>\n\nThe answer <b>x</b>"
+
+
+def split(deltas: Iterable[str]) -> tuple[str, str]:
+    """All the reasoning and all the content a stream of deltas gives, close() included."""
+    splitter = ThinkSplitter()
+    reasoning, content = "", ""
+    for delta in deltas:
+        r, c = splitter.feed(delta)
+        reasoning, content = reasoning + r, content + c
+    r, c = splitter.close()
+    return reasoning + r, content + c
+
+
+def pieces(text: str, cuts: Iterable[int]) -> list[str]:
+    bounds = [0, *sorted(cuts), len(text)]
+    return [text[start:end] for start, end in pairwise(bounds)]
+
+
+# Content without a think block
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello",
+        "  Hello",
+        "\n\nHello, world.\n\n",
+        "Use <think> tags like this",
+        "A tag later: <think>not reasoning</think>",
+        "<thinking>not the tag</thinking>",
+        "<thin air",
+        "< think>",
+        "</think> first",
+        "",
+    ],
+    ids=[
+        "plain text",
+        "leading spaces",
+        "surrounding blank lines",
+        "a <think> later in the answer",
+        "a whole think block later in the answer",
+        "<thinking>",
+        "a prefix of the tag that turns out different",
+        "a space inside the tag",
+        "a closing tag first",
+        "nothing at all",
+    ],
+)
+def test_content_without_a_leading_think_tag_passes_through_untouched(text: str) -> None:
+    assert split([text]) == ("", text)
+
+
+def test_plain_content_is_returned_at_once_not_held() -> None:
+    assert ThinkSplitter().feed("Hello") == ("", "Hello")
+
+
+def test_once_the_answer_has_started_a_think_tag_is_just_content() -> None:
+    splitter = ThinkSplitter()
+    splitter.feed("Hi. ")
+    assert splitter.feed("<think>x</think>") == ("", "<think>x</think>")
+
+
+def test_a_possible_start_of_the_tag_is_held_until_the_next_delta_decides() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed("<thi") == ("", "")
+    assert splitter.feed("s is not a tag") == ("", "<this is not a tag")
+
+
+def test_leading_whitespace_alone_is_held_then_kept_with_the_answer() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed("\n\n") == ("", "")
+    assert splitter.feed("Hello") == ("", "\n\nHello")
+
+
+# A think block
+
+
+def test_a_think_block_in_one_delta_is_split_into_reasoning_and_content() -> None:
+    assert ThinkSplitter().feed("<think>Let me see.</think>Paris.") == ("Let me see.", "Paris.")
+
+
+def test_whitespace_before_the_think_tag_is_dropped() -> None:
+    assert split(["\n  <think>r</think>Answer"]) == ("r", "Answer")
+
+
+def test_reasoning_is_returned_as_it_arrives() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed("<think>Let me") == ("Let me", "")
+    assert splitter.feed(" think.") == (" think.", "")
+
+
+def test_whitespace_inside_the_reasoning_is_kept() -> None:
+    assert split(["<think>\n  step one\n</think>Answer"]) == ("\n  step one\n", "Answer")
+
+
+def test_a_possible_start_of_the_closing_tag_is_held_back_from_the_reasoning() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed("<think>abc</thi") == ("abc", "")
+    assert splitter.feed("nk>Answer") == ("", "Answer")
+
+
+def test_a_held_back_prefix_that_is_not_the_closing_tag_is_released_as_reasoning() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed("<think>a </") == ("a ", "")
+    assert splitter.feed("b> c") == ("</b> c", "")
+
+
+def test_an_opening_tag_inside_the_reasoning_is_reasoning() -> None:
+    assert split(["<think>about <think> tags</think>Done"]) == ("about <think> tags", "Done")
+
+
+def test_only_the_first_closing_tag_ends_the_block() -> None:
+    assert split(["<think>r</think>Use </think> to close"]) == ("r", "Use </think> to close")
+
+
+def test_an_empty_think_block_gives_no_reasoning() -> None:
+    assert split(["<think></think>\n\nAnswer"]) == ("", "Answer")
+
+
+# Between the block and the answer
+
+
+@pytest.mark.parametrize(
+    "deltas",
+    [
+        ["<think>r</think>\n\nAnswer"],
+        ["<think>r</think>", "\n", "\n", "Answer"],
+        ["<think>r</think>\n", " \n\t", "Answer"],
+    ],
+    ids=["in the same delta", "in deltas of their own", "mixed whitespace"],
+)
+def test_blank_lines_after_the_closing_tag_are_dropped(deltas: list[str]) -> None:
+    assert split(deltas) == ("r", "Answer")
+
+
+def test_whitespace_later_in_the_answer_is_kept() -> None:
+    assert split(["<think>r</think>", "\n\nOne.", "\n\nTwo. "]) == ("r", "One.\n\nTwo. ")
+
+
+# End of stream
+
+
+def test_a_stream_ending_inside_an_unclosed_think_block_gives_its_text_as_reasoning() -> None:
+    assert split(["<think>still", " thinking"]) == ("still thinking", "")
+
+
+def test_a_held_partial_closing_tag_is_released_as_reasoning_at_close() -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed("<think>abc</thi") == ("abc", "")
+    assert splitter.close() == ("</thi", "")
+
+
+@pytest.mark.parametrize("text", ["<thi", "  <think", "\n"], ids=["<thi", "spaces and <think", "a newline"])
+def test_a_stream_that_is_only_a_possible_start_of_the_tag_is_released_as_content(text: str) -> None:
+    splitter = ThinkSplitter()
+    assert splitter.feed(text) == ("", "")
+    assert splitter.close() == ("", text)
+
+
+def test_a_stream_ending_right_after_the_closing_tag_gives_no_content() -> None:
+    assert split(["<think>r</think>\n\n"]) == ("r", "")
+
+
+def test_closing_an_empty_stream_gives_nothing() -> None:
+    assert ThinkSplitter().close() == ("", "")
+
+
+# Splitting does not matter
+
+
+@pytest.mark.parametrize("parts", [2, 3], ids=["two deltas", "three deltas"])
+def test_every_split_of_a_think_block_and_answer_gives_the_same_result(parts: int) -> None:
+    for cuts in combinations(range(len(ANSWER) + 1), parts - 1):
+        deltas = pieces(ANSWER, cuts)
+        assert split(deltas) == ("reasoning here", "The answer <b>x</b>"), deltas
+
+
+def test_the_deltas_of_a_recorded_stream_are_split_without_leaking_a_tag() -> None:
+    # The content deltas of tests/data/think_in_content.sse, a model served without a reasoning parser.
+    deltas = ["<th", "ink>\nThe user", " asks for 2+2. </", "think", ">\n\n", "It is 4 <not a tag>.", ""]
+    assert split(deltas) == ("\nThe user asks for 2+2. ", "It is 4 <not a tag>.")
+
+
+# Text rich in the characters of the tags, so that partial tags turn up often.
+_TAGGY = st.text(st.sampled_from([*"<>/thinkTH", " ", "\n", "é", "思"]), max_size=30)
+_WHITESPACE = st.text(st.sampled_from(" \t\n"), max_size=4)
+
+
+@settings(max_examples=300)
+@given(
+    data=st.data(),
+    before=_WHITESPACE,
+    reasoning=_TAGGY,
+    between=_WHITESPACE,
+    answer=_TAGGY,
+)
+def test_any_split_of_a_think_block_gives_its_reasoning_and_the_answer(
+    data: st.DataObject, before: str, reasoning: str, between: str, answer: str
+) -> None:
+    assume("</think>" not in reasoning)
+    assume(answer == answer.lstrip())
+    stream = f"{before}<think>{reasoning}</think>{between}{answer}"
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
+    assert split(pieces(stream, cuts)) == (reasoning, answer)
+
+
+@settings(max_examples=300)
+@given(data=st.data(), text=_TAGGY)
+def test_any_split_of_content_without_a_leading_think_tag_passes_it_through(data: st.DataObject, text: str) -> None:
+    assume(not text.lstrip().startswith("<think>"))
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=8), label="cuts")
+    assert split(pieces(text, cuts)) == ("", text)
