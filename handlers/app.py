@@ -19,8 +19,10 @@ from aiohttp.typedefs import Handler
 from . import demo, page
 from .config import Config
 from .errors import RelayError, error_response, http_error_response
-from .keys import client_session_key, config_key
-from .stream import DEMO_ROUTE, stream
+from .generation import Streams
+from .keys import client_session_key, config_key, streams_key
+from .stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
+from .stream_log import MemoryStreamStore
 
 __all__ = ["create_app"]
 
@@ -32,12 +34,17 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[_json_errors])
     app[config_key] = config
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_streams)
+    app.on_shutdown.append(_drain_streams)
     app.on_response_prepare.append(_nosniff)
     app.add_routes(
         [
             web.get("/", page.index, name="index"),
-            web.get("/stream", stream, name="stream", allow_head=False),
-            web.post("/stream", stream),
+            web.get("/stream", start_stream, name="stream", allow_head=False),
+            web.post("/stream", start_stream),
+            web.get("/stream/{id}", resume_stream, name="resume", allow_head=False),
+            web.delete("/stream/{id}", cancel_stream),
+            web.post("/stream/{id}/cancel", cancel_stream, name="cancel"),
             web.get("/demo/v1/models", demo.models, name="demo-models"),
             web.post("/demo/v1/chat/completions", demo.chat_completions, name=DEMO_ROUTE),
             web.static("/static", page.STATIC_DIR, name="static"),
@@ -49,12 +56,30 @@ def create_app(config: Config) -> web.Application:
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     """One pooled ``ClientSession`` for every upstream request of this app."""
     config = app[config_key]
-    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.read_timeout)
+    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.idle_timeout)
     # limit=0: the number of concurrent streams is bounded by the relay, not by the pool.
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False) as session:
         app[client_session_key] = session
         yield
+
+
+async def _streams(app: web.Application) -> AsyncIterator[None]:
+    """The registry of generations; closed after the client session is no longer needed by them."""
+    config = app[config_key]
+    store = MemoryStreamStore(stream_bytes=config.stream_buffer_bytes, total_bytes=config.buffer_total_bytes)
+    streams = Streams(config, store)
+    app[streams_key] = streams
+    streams.start_watchdog()
+    try:
+        yield
+    finally:
+        await streams.close()
+
+
+async def _drain_streams(app: web.Application) -> None:
+    """On shutdown: let running streams finish up to the deadline, then end them."""
+    await app[streams_key].drain()
 
 
 @web.middleware

@@ -95,18 +95,62 @@ class Config:
         env=["THINKSTREAM_CONNECT_TIMEOUT"],
         flag="--connect-timeout",
     )
-    read_timeout: float = _setting(
+    first_byte_timeout: float = _setting(
+        120.0,
+        "Seconds from sending a request to the provider's first byte (a keep-alive comment counts).",
+        env=["THINKSTREAM_FIRST_BYTE_TIMEOUT"],
+        flag="--first-byte-timeout",
+    )
+    idle_timeout: float = _setting(
         300.0,
-        "Seconds the provider may stay silent (no byte, not even a keep-alive) before the "
+        "Seconds the provider may stay silent (no byte, not even a keep-alive comment) before the "
         "stream fails. Generous, because reasoning models can think for minutes.",
-        env=["THINKSTREAM_READ_TIMEOUT"],
-        flag="--read-timeout",
+        env=["THINKSTREAM_IDLE_TIMEOUT"],
+        flag="--idle-timeout",
     )
     keepalive: float = _setting(
         15.0,
         "Seconds between SSE keep-alive comments sent to clients.",
         env=["THINKSTREAM_KEEPALIVE"],
         flag="--keepalive",
+    )
+    disconnect_grace: float = _setting(
+        10.0,
+        "Seconds a generation goes on after its last client disconnected, waiting for it to "
+        "resume, before the provider request is cancelled (0 = at once).",
+        env=["THINKSTREAM_DISCONNECT_GRACE"],
+        flag="--disconnect-grace",
+    )
+    retention: float = _setting(
+        300.0,
+        "Seconds a finished stream is kept so that late or reconnecting clients can still collect it.",
+        env=["THINKSTREAM_RETENTION"],
+        flag="--retention",
+    )
+    stream_buffer_bytes: int = _setting(
+        4 << 20,
+        "Most bytes of events kept per stream for resuming; older events are dropped first.",
+        env=["THINKSTREAM_STREAM_BUFFER_BYTES"],
+        flag="--stream-buffer-bytes",
+    )
+    buffer_total_bytes: int = _setting(
+        256 << 20,
+        "Most bytes of events kept for all streams together; finished streams are forgotten first.",
+        env=["THINKSTREAM_BUFFER_TOTAL_BYTES"],
+        flag="--buffer-total-bytes",
+    )
+    stall_timeout: float = _setting(
+        30.0,
+        "Seconds a client may leave a write unread before it is dropped (it can resume later).",
+        env=["THINKSTREAM_STALL_TIMEOUT"],
+        flag="--stall-timeout",
+    )
+    shutdown_timeout: float = _setting(
+        10.0,
+        "On SIGINT/SIGTERM, seconds running streams get to finish before they end with a "
+        "retryable server_shutdown error.",
+        env=["THINKSTREAM_SHUTDOWN_TIMEOUT"],
+        flag="--shutdown-timeout",
     )
     retry_ms: int = _setting(
         3000,
@@ -185,11 +229,23 @@ def _validate(config: Config) -> None:
                 "no model is set for the provider: set LLM_MODEL or pass --model "
                 "(for example gpt-4.1-mini, deepseek-reasoner or qwen3:8b)"
             )
-    for name in ("connect_timeout", "read_timeout", "keepalive"):
+    for name in (
+        "connect_timeout",
+        "first_byte_timeout",
+        "idle_timeout",
+        "keepalive",
+        "retention",
+        "stall_timeout",
+        "shutdown_timeout",
+    ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
             raise ConfigError(f"{name} must be a positive number of seconds, not {value}")
-    for name in ("max_body_bytes", "max_line_bytes"):
+    if not (config.disconnect_grace >= 0 and math.isfinite(config.disconnect_grace)):
+        raise ConfigError(f"disconnect_grace must be zero or more seconds, not {config.disconnect_grace}")
+    if config.buffer_total_bytes < config.stream_buffer_bytes:
+        raise ConfigError("buffer_total_bytes must be at least stream_buffer_bytes")
+    for name in ("max_body_bytes", "max_line_bytes", "stream_buffer_bytes"):
         if getattr(config, name) < 1024:
             raise ConfigError(f"{name} must be at least 1024, not {getattr(config, name)}")
     if config.retry_ms < 0:

@@ -41,6 +41,7 @@ class RelayError(Exception):
         http_status: int | None = None,
         retryable: bool | None = None,
         upstream_status: int | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -51,6 +52,8 @@ class RelayError(Exception):
         if retryable is not None:
             self.retryable = retryable
         self.upstream_status = upstream_status
+        # Seconds, for the Retry-After header of an HTTP answer.
+        self.retry_after = retry_after
 
     def event(self) -> dict[str, Any]:
         """The ``error`` event that ends a stream which has already begun."""
@@ -136,7 +139,10 @@ _HTTP_CODES: dict[int, str] = {
 def error_response(error: RelayError) -> web.Response:
     """The JSON answer for an error found before any stream started."""
     body = {"error": {"code": error.code, "message": error.message}}
-    return web.json_response(body, status=error.http_status)
+    response = web.json_response(body, status=error.http_status)
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response
 
 
 def http_error_response(exc: web.HTTPException) -> web.Response:

@@ -10,8 +10,10 @@ import aiohttp
 from aiohttp import web
 
 from .config import Config
+from .generation import Streams
 
-__all__ = ["client_session_key", "config_key"]
+__all__ = ["client_session_key", "config_key", "streams_key"]
 
 config_key = web.AppKey("config_key", Config)
 client_session_key = web.AppKey("client_session_key", aiohttp.ClientSession)
+streams_key = web.AppKey("streams_key", Streams)

@@ -1,13 +1,16 @@
-"""Where a stream's events go: Server-Sent Events or NDJSON.
+"""Where a connection's events go: Server-Sent Events or NDJSON.
 
-Both write the same event objects. SSE goes out only through aiohttp-sse; the
-``id`` of each event is ``<stream-id>:<seq>`` with ``seq`` counting from 1,
-and the first event carries ``retry:``. A client that went away surfaces as
-:class:`ClientGone`, whatever the transport said.
+Both write the same event objects, taken from the stream's log already
+encoded. SSE goes out only through aiohttp-sse; the ``id`` of each event is
+``<stream-id>:<seq>``, and the event with ``seq`` 1 carries ``retry:``. A
+client that went away, or stopped reading for longer than the stall timeout,
+surfaces as :class:`ClientGone`, whatever the transport said.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -15,6 +18,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from .errors import ClientGone
+from .stream_log import Entry
 
 __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 
@@ -25,7 +29,11 @@ class EventSink(Protocol):
     @property
     def response(self) -> web.StreamResponse: ...
 
-    async def send(self, event: dict[str, Any]) -> None: ...
+    async def send_entries(self, entries: Sequence[Entry]) -> None:
+        """Send events from the log, in order."""
+
+    async def send(self, event: dict[str, Any]) -> None:
+        """Send an event that is not in the log (it has no ``id``)."""
 
     async def close(self) -> None: ...
 
@@ -36,17 +44,22 @@ class SSESink:
     def __init__(self, response: EventSourceResponse, stream_id: str, retry_ms: int) -> None:
         self.response = response
         self._prefix = stream_id + ":"
-        self._seq = 0
         self._retry = retry_ms
 
-    async def send(self, event: dict[str, Any]) -> None:
-        self._seq += 1
-        retry = self._retry if self._seq == 1 else None
-        data = orjson.dumps(event).decode()
+    async def send_entries(self, entries: Sequence[Entry]) -> None:
+        send, prefix = self.response.send, self._prefix
         try:
-            await self.response.send(data, id=f"{self._prefix}{self._seq}", event=event["type"], retry=retry)
+            for entry in entries:
+                retry = self._retry if entry.seq == 1 else None
+                await send(entry.data, id=f"{prefix}{entry.seq}", event=entry.type, retry=retry)
         except (ConnectionError, TimeoutError) as exc:
-            # aiohttp-sse raises TimeoutError for a client that stopped reading.
+            # aiohttp-sse raises TimeoutError (and aborts) for a client that stopped reading.
+            raise ClientGone() from exc
+
+    async def send(self, event: dict[str, Any]) -> None:
+        try:
+            await self.response.send(orjson.dumps(event).decode(), event=event["type"])
+        except (ConnectionError, TimeoutError) as exc:
             raise ClientGone() from exc
 
     async def close(self) -> None:
@@ -58,12 +71,26 @@ class SSESink:
 class NDJSONSink:
     """Events as ``application/x-ndjson``: one JSON object per line."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
+    def __init__(self, request: web.BaseRequest, response: web.StreamResponse, stall_timeout: float) -> None:
         self.response = response
+        self._request = request
+        self._stall_timeout = stall_timeout
+
+    async def send_entries(self, entries: Sequence[Entry]) -> None:
+        await self._write("".join(f"{entry.data}\n" for entry in entries).encode())
 
     async def send(self, event: dict[str, Any]) -> None:
+        await self._write(orjson.dumps(event) + b"\n")
+
+    async def _write(self, data: bytes) -> None:
         try:
-            await self.response.write(orjson.dumps(event) + b"\n")
+            async with asyncio.timeout(self._stall_timeout):
+                await self.response.write(data)
+        except TimeoutError as exc:
+            # A stalled peer never drains its buffer, so a graceful close would hang: abort.
+            if self._request.transport is not None:
+                self._request.transport.abort()
+            raise ClientGone() from exc
         except ConnectionError as exc:
             raise ClientGone() from exc
 
@@ -72,14 +99,20 @@ class NDJSONSink:
 
 
 async def open_sink(
-    request: web.Request, *, ndjson: bool, stream_id: str, retry_ms: int, keepalive: float
+    request: web.Request,
+    *,
+    ndjson: bool,
+    stream_id: str,
+    retry_ms: int,
+    keepalive: float,
+    stall_timeout: float,
 ) -> EventSink:
     """Send the response headers and return the sink to write events to."""
     if ndjson:
         response = web.StreamResponse(headers=_STREAM_HEADERS)
         response.content_type = "application/x-ndjson"
         await response.prepare(request)
-        return NDJSONSink(response)
-    sse = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive)
+        return NDJSONSink(request, response, stall_timeout)
+    sse = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
     await sse.prepare(request)
     return SSESink(sse, stream_id, retry_ms)

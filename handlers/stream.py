@@ -1,95 +1,146 @@
-"""``/stream``: validate the request, call the provider, relay its events.
+"""The stream routes: start a generation, follow or resume one, cancel one.
 
-Bad input is refused with a JSON error before any stream starts. Once the
-response has begun, every outcome ends the stream with exactly one last
-event: ``done`` on success, ``error`` otherwise.
+- ``GET /stream?prompt=…`` / ``POST /stream``: validate, start a generation and
+  follow it from its first event. A request that carries ``Last-Event-ID``
+  (the browser's EventSource reconnecting) resumes that stream instead: a
+  reconnect never sends the provider a second request.
+- ``GET /stream/{id}``: follow an existing stream, from the start or after
+  ``Last-Event-ID`` / ``?last_event_id=``.
+- ``POST /stream/{id}/cancel`` and ``DELETE /stream/{id}``: stop it.
+
+Bad input is refused with a JSON error before any stream starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import logging
-import secrets
 
 from aiohttp import web
 
-from .chat_request import ChatRequest, read_chat_request
+from .chat_request import read_chat_request
 from .config import Config
 from .errors import ClientGone, RelayError, RequestError
-from .keys import client_session_key, config_key
-from .sinks import EventSink, open_sink
-from .upstream import Upstream, stream_chat
+from .generation import Streams, server_shutdown
+from .keys import client_session_key, config_key, streams_key
+from .sinks import open_sink
+from .stream_log import LogGap, StreamLog
+from .upstream import Upstream
 
-__all__ = ["DEMO_ROUTE", "stream"]
-
-logger = logging.getLogger(__name__)
+__all__ = ["DEMO_ROUTE", "cancel_stream", "resume_stream", "start_stream"]
 
 # The route name of the embedded demo model's chat endpoint.
 DEMO_ROUTE = "demo-chat-completions"
 _DEMO_SUFFIX = "/chat/completions"
 
 
-async def stream(request: web.Request) -> web.StreamResponse:
+async def start_stream(request: web.Request) -> web.StreamResponse:
     """``GET /stream?prompt=…`` or ``POST /stream`` with ``{"messages": […]}``."""
     config = request.config_dict[config_key]
+    streams = request.config_dict[streams_key]
+    last_event_id = request.headers.get("Last-Event-ID", "").strip()
+    if last_event_id:
+        stream_id, after = _parse_last_event_id(last_event_id, None)
+        return await _resume(request, streams, stream_id, after)
     chat = await read_chat_request(request, config)
     ndjson = _wants_ndjson(request)
+    if not streams.accepting:
+        raise server_shutdown()
     upstream = _upstream(request, config)
-    stream_id = secrets.token_urlsafe(12)
-    sink = await open_sink(
-        request, ndjson=ndjson, stream_id=stream_id, retry_ms=config.retry_ms, keepalive=config.keepalive
-    )
+    generation = streams.start(request.config_dict[client_session_key], upstream, chat)
+    return await _follow(request, streams, generation.log, 0, ndjson)
+
+
+async def resume_stream(request: web.Request) -> web.StreamResponse:
+    """``GET /stream/{id}``: the stream's events after ``Last-Event-ID``, then live ones."""
+    streams = request.config_dict[streams_key]
+    stream_id = request.match_info["id"]
+    last = request.headers.get("Last-Event-ID", "").strip() or request.query.get("last_event_id", "").strip()
+    after = 0
+    if last:
+        named, after = _parse_last_event_id(last, stream_id)
+        if named != stream_id:
+            raise RequestError(
+                f"Last-Event-ID {last!r} belongs to another stream than {stream_id!r}", code="invalid_last_event_id"
+            )
+    return await _resume(request, streams, stream_id, after)
+
+
+async def cancel_stream(request: web.Request) -> web.Response:
+    """``POST /stream/{id}/cancel`` or ``DELETE /stream/{id}``: stop the generation now."""
+    streams = request.config_dict[streams_key]
+    stream_id = request.match_info["id"]
+    if streams.store.get(stream_id) is None:
+        raise _not_found(stream_id)
+    stopped = await streams.cancel(stream_id)
+    return web.json_response({"stream": stream_id, "cancelled": stopped})
+
+
+async def _resume(request: web.Request, streams: Streams, stream_id: str, after: int) -> web.StreamResponse:
+    ndjson = _wants_ndjson(request)
+    log = streams.store.get(stream_id)
+    if log is None:
+        raise _not_found(stream_id)
     try:
-        await _relay(sink, request, upstream, chat, stream_id)
+        entries, finished = await log.read(after)
+    except LogGap:
+        raise RelayError(
+            "the events after that id are no longer kept; start a new stream",
+            code="resume_gap",
+            http_status=410,
+        ) from None
+    if finished and not entries:
+        # Nothing more will ever come: 204 tells an EventSource to stop reconnecting.
+        return web.Response(status=204)
+    return await _follow(request, streams, log, after, ndjson)
+
+
+async def _follow(
+    request: web.Request, streams: Streams, log: StreamLog, after: int, ndjson: bool
+) -> web.StreamResponse:
+    """Send the log's events after ``after`` to this connection until the stream ends."""
+    config = request.config_dict[config_key]
+    sink = await open_sink(
+        request,
+        ndjson=ndjson,
+        stream_id=log.stream_id,
+        retry_ms=config.retry_ms,
+        keepalive=config.keepalive,
+        stall_timeout=config.stall_timeout,
+    )
+    reader = streams.attach(log.stream_id, request)
+    try:
+        async with contextlib.aclosing(reader.follow(log, after)) as batches:
+            async for entries in batches:
+                await sink.send_entries(entries)
+    except (ClientGone, ConnectionResetError):
+        pass
+    except LogGap:
+        # This reader fell further behind than the stream's buffer reaches.
+        error = RelayError("this connection fell too far behind; the events it missed are gone", code="resume_gap")
+        with contextlib.suppress(ClientGone):
+            await sink.send(error.event())
     finally:
+        streams.detach(reader)
         await sink.close()
     return sink.response
 
 
-async def _relay(sink: EventSink, request: web.Request, upstream: Upstream, chat: ChatRequest, stream_id: str) -> None:
-    config = request.config_dict[config_key]
-    session = request.config_dict[client_session_key]
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    ttft_ms: float | None = None
-    outcome = "done"
-    try:
-        await sink.send({"type": "meta", "stream": stream_id, "model": chat.model})
-        events = stream_chat(session, upstream, chat.payload(config.include_usage), max_line=config.max_line_bytes)
-        async with contextlib.aclosing(events):
-            async for batch in events:
-                now = loop.time()
-                for event in batch:
-                    if event["type"] == "done":
-                        event["ttft_ms"] = ttft_ms
-                        event["duration_ms"] = round((now - started) * 1000, 1)
-                    elif ttft_ms is None:
-                        ttft_ms = round((now - started) * 1000, 1)
-                    await sink.send(event)
-    except ClientGone:
-        outcome = "client_gone"
-    except RelayError as exc:
-        outcome = exc.code
-        await _send_last(sink, exc)
-    except Exception:
-        outcome = "internal_error"
-        logger.exception("stream %s failed", stream_id)
-        await _send_last(sink, RelayError("the relay failed unexpectedly; see the server log"))
-    finally:
-        logger.info(
-            "stream %s ended: %s (model %s, first token %s ms, %.0f ms)",
-            stream_id,
-            outcome,
-            chat.model,
-            ttft_ms,
-            (loop.time() - started) * 1000,
-        )
+def _parse_last_event_id(value: str, default_stream: str | None) -> tuple[str, int]:
+    """``<stream-id>:<seq>``, or a bare ``<seq>`` when the stream is already known."""
+    stream_id, colon, seq = value.rpartition(":")
+    if not colon:
+        stream_id = default_stream or ""
+    if stream_id and seq.isascii() and seq.isdigit():
+        return stream_id, int(seq)
+    raise RequestError(f"Last-Event-ID must look like '<stream-id>:<seq>', not {value!r}", code="invalid_last_event_id")
 
 
-async def _send_last(sink: EventSink, error: RelayError) -> None:
-    with contextlib.suppress(ClientGone):
-        await sink.send(error.event())
+def _not_found(stream_id: str) -> RelayError:
+    return RelayError(
+        f"no stream {stream_id!r}: it never existed or has expired; start a new one",
+        code="stream_not_found",
+        http_status=404,
+    )
 
 
 def _wants_ndjson(request: web.Request) -> bool:

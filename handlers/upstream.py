@@ -8,6 +8,7 @@ nowhere else, into the relay's own errors.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -52,18 +53,24 @@ async def stream_chat(
     payload: dict[str, Any],
     *,
     max_line: int,
+    first_byte_timeout: float | None = None,
 ) -> AsyncGenerator[list[Event], None]:
     """POST ``payload`` and yield batches of events until the answer is whole.
 
     Ends normally only when the provider finished its answer, and then the
     last event is ``done`` (without timings, which the caller adds); every
     other end raises an :class:`UpstreamError` subclass.
+
+    ``first_byte_timeout`` bounds the wait from sending the request to the
+    first byte of the body (a keep-alive comment counts); after that only the
+    session's idle timeout applies, as reasoning models can think for minutes.
     """
     headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
+    first_byte = asyncio.timeout(first_byte_timeout)
     try:
-        async with session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
+        async with first_byte, session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
             if response.status >= 400:
                 raise UpstreamStatusError(response.status, await _error_message(response))
             if response.content_type != "text/event-stream":
@@ -74,6 +81,7 @@ async def stream_chat(
             decoder = SSEDecoder(max_line)
             translator = ChunkTranslator()
             async for chunk in response.content.iter_any():
+                first_byte.reschedule(None)
                 batch = translator.feed(decoder.feed(chunk))
                 if translator.done:
                     batch.append(translator.done_event())
@@ -108,8 +116,12 @@ async def stream_chat(
         raise UpstreamConnectError(f"cannot connect to the provider at {exc.host}:{exc.port}: {exc.strerror}") from None
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamTimeout("timed out connecting to the provider", code="upstream_connect_timeout") from None
-    except aiohttp.SocketTimeoutError:
-        raise UpstreamTimeout("the provider stopped sending data", code="upstream_idle_timeout") from None
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.SocketTimeoutError):
+            raise UpstreamTimeout("the provider stopped sending data", code="upstream_idle_timeout") from None
+        raise UpstreamTimeout(
+            "the provider sent nothing in time (first byte timeout)", code="upstream_first_byte_timeout"
+        ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
         raise UpstreamError(
             f"the connection to the provider broke: {exc}", code="upstream_disconnected", retryable=True

@@ -63,11 +63,11 @@ def test_flags_override_the_environment() -> None:
 
 
 def test_typed_settings_are_parsed_from_text() -> None:
-    env = {"THINKSTREAM_INCLUDE_USAGE": "off", "THINKSTREAM_READ_TIMEOUT": "60", "THINKSTREAM_MODELS": "a, b,,c"}
+    env = {"THINKSTREAM_INCLUDE_USAGE": "off", "THINKSTREAM_IDLE_TIMEOUT": "60", "THINKSTREAM_MODELS": "a, b,,c"}
     config = load_config([], env)
 
     assert config.include_usage is False
-    assert config.read_timeout == 60.0
+    assert config.idle_timeout == 60.0
     assert config.allowed_models == ("demo", "a", "b", "c")
 
 
@@ -83,7 +83,7 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         (["--base-url", "ftp://x/v1", "--model", "m"], "absolute http"),
         (["--port", "70000"], "port"),
         (["--port", "eighty"], "--port"),
-        (["--read-timeout", "0"], "read_timeout"),
+        (["--idle-timeout", "0"], "idle_timeout"),
         (["--connect-timeout", "nan"], "connect_timeout"),
         (["--include-usage", "maybe"], "--include-usage"),
         (["--log-level", "loud"], "log level"),

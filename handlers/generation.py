@@ -1,0 +1,311 @@
+"""Generations: one upstream request each, living apart from the connections that watch it.
+
+A :class:`Generation` reads the provider and appends contract events to its
+stream's log; any number of connections (:class:`Reader`) follow that log,
+from the start or from a ``Last-Event-ID``. When the last reader leaves, the
+upstream request is cancelled after a grace time unless a reader comes back.
+A finished stream is kept for a while so late readers can still collect it.
+
+:class:`Streams` owns them all for one application: it starts generations,
+counts readers, notices dropped connections (aiohttp tells a GET handler
+nothing when its client goes, so one watchdog checks every reader's socket),
+expires finished streams, and drains everything at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from .chat_request import ChatRequest
+from .config import Config
+from .errors import RelayError
+from .stream_log import Entry, StreamLog, StreamStore
+from .upstream import Upstream, stream_chat
+
+__all__ = ["Generation", "Reader", "Streams", "cancelled", "server_shutdown"]
+
+logger = logging.getLogger(__name__)
+
+# How often the watchdog looks for readers whose connection has closed.
+WATCH_INTERVAL = 0.5
+
+
+def cancelled(message: str = "the stream was cancelled") -> RelayError:
+    return RelayError(message, code="cancelled")
+
+
+def server_shutdown() -> RelayError:
+    return RelayError(
+        "the server is shutting down; try again shortly",
+        code="server_shutdown",
+        http_status=503,
+        retryable=True,
+        retry_after=5,
+    )
+
+
+def encode(event: dict[str, Any]) -> tuple[str, str]:
+    """An event as the log stores it: its type and its JSON text, made once."""
+    return event["type"], orjson.dumps(event).decode()
+
+
+class Reader:
+    """One connection following a stream's log."""
+
+    __slots__ = ("_request", "_wakeup", "stream_id")
+
+    def __init__(self, stream_id: str, request: web.BaseRequest) -> None:
+        self.stream_id = stream_id
+        self._request = request
+        self._wakeup = asyncio.Event()
+
+    @property
+    def gone(self) -> bool:
+        """Whether the client's connection has closed."""
+        transport = self._request.transport
+        return transport is None or transport.is_closing()
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    async def follow(self, log: StreamLog, after: int) -> AsyncGenerator[list[Entry], None]:
+        """Yield the log's events after ``after`` in batches until it finishes.
+
+        Stops early, by raising :class:`ConnectionResetError`, if the client
+        goes away while waiting.
+        """
+        log.subscribe(self.wake)
+        try:
+            while True:
+                self._wakeup.clear()
+                entries, finished = await log.read(after)
+                if entries:
+                    yield entries
+                    after = entries[-1].seq
+                    continue
+                if finished:
+                    return
+                if self.gone:
+                    raise ConnectionResetError("the client went away")
+                await self._wakeup.wait()
+        finally:
+            log.unsubscribe(self.wake)
+
+
+class Generation:
+    """One upstream request and the log it writes."""
+
+    def __init__(self, stream_id: str, model: str, log: StreamLog) -> None:
+        self.id = stream_id
+        self.model = model
+        self.log = log
+        self.task: asyncio.Task[None] | None = None
+        self.readers = 0
+        self.outcome = "running"
+        self._started = False
+        self._stop_reason: RelayError | None = None
+        self._abandon: asyncio.TimerHandle | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def stop(self, reason: RelayError) -> bool:
+        """Cancel the upstream request; the log ends with ``reason``. False if already over."""
+        if not self.running:
+            return False
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        # A task cancelled before its first step would never run its body (and so
+        # never finish the log); one that has not started sees the reason on entry.
+        if self._started:
+            assert self.task is not None
+            self.task.cancel()
+        return True
+
+    async def run(self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest, config: Config) -> None:
+        """Read the provider into the log; the log always ends with ``done`` or ``error``."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ttft_ms: float | None = None
+        log = self.log
+        self._started = True
+        try:
+            await log.append([encode({"type": "meta", "stream": self.id, "model": self.model})])
+            if self._stop_reason is not None:
+                raise asyncio.CancelledError
+            events = stream_chat(
+                session,
+                upstream,
+                chat.payload(config.include_usage),
+                max_line=config.max_line_bytes,
+                first_byte_timeout=config.first_byte_timeout,
+            )
+            async with contextlib.aclosing(events):
+                async for batch in events:
+                    now = loop.time()
+                    for event in batch:
+                        if event["type"] == "done":
+                            event["ttft_ms"] = ttft_ms
+                            event["duration_ms"] = round((now - started) * 1000, 1)
+                        elif ttft_ms is None:
+                            ttft_ms = round((now - started) * 1000, 1)
+                    await log.append([encode(event) for event in batch])
+            self.outcome = "done"
+        except asyncio.CancelledError:
+            reason = self._stop_reason or cancelled()
+            self.outcome = reason.code
+            await log.append([encode(reason.event())])
+            raise
+        except RelayError as exc:
+            self.outcome = exc.code
+            await log.append([encode(exc.event())])
+        except Exception:
+            self.outcome = "internal_error"
+            logger.exception("stream %s failed", self.id)
+            await log.append([encode(RelayError("the relay failed unexpectedly; see the server log").event())])
+        finally:
+            await log.finish()
+            logger.info(
+                "stream %s ended: %s (model %s, first token %s ms, %.0f ms)",
+                self.id,
+                self.outcome,
+                self.model,
+                ttft_ms,
+                (loop.time() - started) * 1000,
+            )
+
+
+class Streams:
+    """Every stream of one application."""
+
+    def __init__(self, config: Config, store: StreamStore) -> None:
+        self.config = config
+        self.store = store
+        self.accepting = True
+        self._generations: dict[str, Generation] = {}
+        self._readers: set[Reader] = set()
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return sum(1 for g in self._generations.values() if g.running)
+
+    @property
+    def reader_count(self) -> int:
+        return len(self._readers)
+
+    def get(self, stream_id: str) -> Generation | None:
+        return self._generations.get(stream_id)
+
+    def start(self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest) -> Generation:
+        """Create the stream and start its generation, which writes ``meta`` before calling the provider."""
+        stream_id = secrets.token_urlsafe(12)
+        log = self.store.create(stream_id)
+        generation = Generation(stream_id, chat.model, log)
+        self._generations[stream_id] = generation
+        generation.task = asyncio.create_task(self._run(generation, session, upstream, chat))
+        return generation
+
+    async def _run(
+        self, generation: Generation, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest
+    ) -> None:
+        try:
+            await generation.run(session, upstream, chat, self.config)
+        finally:
+            self._expire_later(generation.id)
+
+    def attach(self, stream_id: str, request: web.BaseRequest) -> Reader:
+        """A connection starts following ``stream_id``."""
+        reader = Reader(stream_id, request)
+        self._readers.add(reader)
+        generation = self._generations.get(stream_id)
+        if generation is not None:
+            generation.readers += 1
+            if generation._abandon is not None:
+                generation._abandon.cancel()
+                generation._abandon = None
+        return reader
+
+    def detach(self, reader: Reader) -> None:
+        """A connection stops following; the last one to leave starts the grace time."""
+        self._readers.discard(reader)
+        generation = self._generations.get(reader.stream_id)
+        if generation is None:
+            return
+        generation.readers -= 1
+        if generation.readers == 0 and generation.running:
+            reason = cancelled("every client disconnected")
+            grace = self.config.disconnect_grace
+            if grace == 0:
+                generation.stop(reason)
+            else:
+                loop = asyncio.get_running_loop()
+                generation._abandon = loop.call_later(grace, generation.stop, reason)
+
+    async def cancel(self, stream_id: str) -> bool:
+        """Stop a running generation and wait until its upstream request is closed."""
+        generation = self._generations.get(stream_id)
+        if generation is None or not generation.stop(cancelled()):
+            return False
+        assert generation.task is not None
+        await asyncio.wait([generation.task], timeout=5)
+        return True
+
+    def _expire_later(self, stream_id: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiry[stream_id] = loop.call_later(self.config.retention, self._expire, stream_id)
+
+    def _expire(self, stream_id: str) -> None:
+        self._expiry.pop(stream_id, None)
+        self._generations.pop(stream_id, None)
+        self.store.discard(stream_id)
+
+    async def watch(self) -> None:
+        """Wake readers whose client has gone, so they leave within about a second."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            for reader in self._readers:
+                if reader.gone:
+                    reader.wake()
+
+    async def drain(self) -> None:
+        """Graceful shutdown: refuse new streams, let running ones finish up to the deadline, then end them."""
+        self.accepting = False
+        tasks = [g.task for g in self._generations.values() if g.running and g.task is not None]
+        if not tasks:
+            return
+        logger.info("waiting up to %g s for %d running stream(s)", self.config.shutdown_timeout, len(tasks))
+        await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
+        await self._stop_all(server_shutdown())
+
+    async def close(self) -> None:
+        """Application cleanup: stop everything that is left and forget every stream."""
+        self.accepting = False
+        await self._stop_all(server_shutdown())
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
+        self._generations.clear()
+        self.store.close()
+
+    def start_watchdog(self) -> None:
+        self._watchdog = asyncio.create_task(self.watch())
+
+    async def _stop_all(self, reason: RelayError) -> None:
+        stopping = [g.task for g in self._generations.values() if g.stop(reason) and g.task is not None]
+        if stopping:
+            await asyncio.wait(stopping)
