@@ -8,6 +8,9 @@ and records every request it receives.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,3 +121,49 @@ def text_of(events: Sequence[Received], kind: str) -> str:
 
 def without_timings(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if k not in ("ttft_ms", "duration_ms")}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test runner's environment without any provider settings, plus ``extra``."""
+    prefixes = ("LLM_", "OPENAI_", "DEEPSEEK_", "THINKSTREAM_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    return {**env, **extra}
+
+
+async def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int, bytes]:
+    """Run ``python server.py`` on a free port; return it once it says where it listens.
+
+    Python runs with ResourceWarnings shown, so a test can check that stopping
+    it leaves no unclosed session or socket behind.
+    """
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "always::ResourceWarning",
+        "server.py",
+        "--port",
+        str(port),
+        *args,
+        cwd=ROOT,
+        env=env if env is not None else clean_env(),
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log = b""
+    async with asyncio.timeout(20):
+        while f"http://127.0.0.1:{port}".encode() not in log:
+            line = await process.stderr.readline()
+            assert line, f"server exited early: {log.decode()}"
+            log += line
+    return process, port, log

@@ -3,51 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
 import sys
-from pathlib import Path
 
 import aiohttp
-from helpers import parse_sse
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _clean_env() -> dict[str, str]:
-    """The test runner's environment without any provider settings."""
-    prefixes = ("LLM_", "OPENAI_", "DEEPSEEK_", "THINKSTREAM_")
-    return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+from helpers import ROOT, clean_env, parse_sse, start_server
 
 
 async def test_server_py_serves_the_page_and_the_demo_then_stops_on_sigint() -> None:
-    port = _free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "server.py",
-        "--port",
-        str(port),
-        "--demo-delay",
-        "0",
-        cwd=ROOT,
-        env=_clean_env(),
-        stderr=asyncio.subprocess.PIPE,
-    )
+    process, port, log = await start_server("--demo-delay", "0")
     assert process.stderr is not None
     try:
-        log = b""
-        async with asyncio.timeout(20):
-            while f"http://127.0.0.1:{port}".encode() not in log:
-                line = await process.stderr.readline()
-                assert line, f"server exited early: {log.decode()}"
-                log += line
         assert b"demo model" in log
 
         async with aiohttp.ClientSession() as session:
@@ -76,7 +42,7 @@ async def test_a_bad_setting_exits_with_status_2_and_a_message() -> None:
         "--model",
         "m",
         cwd=ROOT,
-        env=_clean_env(),
+        env=clean_env(),
         stderr=asyncio.subprocess.PIPE,
     )
     async with asyncio.timeout(20):

@@ -1,0 +1,118 @@
+"""The in-memory stream store: ordered logs, wake-ups, and memory that stays bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from handlers.stream_log import Entry, LogGap, MemoryStreamStore
+
+KIB = 1024
+
+
+def event(i: int, size: int = 10) -> tuple[str, str]:
+    return "content", f'{{"n":{i},"pad":"{"x" * size}"}}'
+
+
+async def test_events_are_numbered_from_one_and_read_after_any_position() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    await log.append([event(1), event(2)])
+    await log.append([event(3)])
+
+    everything, finished = await log.read(0)
+    assert [e.seq for e in everything] == [1, 2, 3] and not finished
+    assert [e.seq for e in (await log.read(2))[0]] == [3]
+    assert (await log.read(3))[0] == []
+    assert everything[0] == Entry(1, "content", event(1)[1])
+
+
+async def test_a_finished_log_says_so_to_readers_at_its_end() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    await log.append([event(1)])
+    await log.finish()
+
+    assert (await log.read(0))[1] is True
+    assert await log.read(1) == ([], True)
+
+
+async def test_subscribers_are_woken_by_appends_and_by_the_end() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    wakes: list[str] = []
+    log.subscribe(lambda: wakes.append("woken"))
+    await log.append([event(1)])
+    await log.finish()
+
+    assert wakes == ["woken", "woken"]
+
+
+async def test_an_unsubscribed_reader_is_not_woken() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    wakes: list[str] = []
+
+    def wake() -> None:
+        wakes.append("woken")
+
+    log.subscribe(wake)
+    log.unsubscribe(wake)
+    await log.append([event(1)])
+
+    assert wakes == []
+
+
+async def test_a_long_stream_keeps_only_its_newest_events_within_its_budget() -> None:
+    store = MemoryStreamStore(stream_bytes=16 * KIB, total_bytes=64 * KIB)
+    log = store.create("long")
+    largest = 0
+    for i in range(1, 5001):
+        await log.append([event(i, size=200)])
+        largest = max(largest, store.size)
+
+    assert largest <= 16 * KIB
+    newest, _ = await log.read(4999)
+    assert [e.seq for e in newest] == [5000]
+
+
+async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
+    store = MemoryStreamStore(stream_bytes=4 * KIB, total_bytes=64 * KIB)
+    log = store.create("s")
+    for i in range(1, 200):
+        await log.append([event(i, size=100)])
+
+    with pytest.raises(LogGap):
+        await log.read(0)
+
+
+async def test_finished_streams_are_forgotten_first_when_memory_runs_short() -> None:
+    store = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=12 * KIB)
+    old = store.create("old")
+    await old.append([event(i, size=500) for i in range(10)])
+    await old.finish()
+    live = store.create("live")
+    await live.append([event(i, size=500) for i in range(10)])
+
+    assert store.get("old") is None
+    assert store.get("live") is live
+    assert store.size <= 12 * KIB
+
+
+async def test_running_streams_share_the_total_budget_by_trimming_the_one_that_grows() -> None:
+    store = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=12 * KIB)
+    first, second = store.create("a"), store.create("b")
+    for i in range(40):
+        await first.append([event(i, size=500)])
+        await second.append([event(i, size=500)])
+
+    assert store.size <= 12 * KIB
+    for log in (first, second):
+        newest, _ = await log.read(39)
+        assert [e.seq for e in newest] == [40]
+
+
+async def test_discarding_a_stream_frees_its_memory() -> None:
+    store = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB)
+    log = store.create("s")
+    await log.append([event(1, size=1000)])
+    store.discard("s")
+
+    assert store.get("s") is None
+    assert store.size == 0
+    assert len(store) == 0
