@@ -42,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # No access log: GET /stream URLs carry the user's prompt.
         access_log=None,
         print=_announce,
+        # The app drains its streams first (up to shutdown_timeout); then connections get a
+        # few seconds to flush their last events before aiohttp cancels what is left.
+        shutdown_timeout=config.shutdown_timeout + 5,
     )
     return 0
 
