@@ -11,6 +11,7 @@ const answer = document.getElementById("answer");
 const status = document.getElementById("status");
 
 let source = null;
+let streamId = null;
 
 function finish(message, isError) {
   if (source) source.close();
@@ -31,8 +32,13 @@ function ask(text) {
   send.disabled = true;
   stop.disabled = false;
 
-  // Relative URL: the page works wherever the app is mounted.
+  // Relative URL: the page works wherever the app is mounted. If the connection
+  // drops, EventSource reconnects with Last-Event-ID and the server resumes the
+  // same generation.
   source = new EventSource("stream?" + new URLSearchParams({ prompt: text }));
+  source.addEventListener("meta", (e) => {
+    streamId = JSON.parse(e.data).stream;
+  });
   source.addEventListener("reasoning", (e) => {
     thinking.hidden = false;
     reasoning.textContent += JSON.parse(e.data).text;
@@ -67,4 +73,8 @@ prompt.addEventListener("keydown", (e) => {
     form.requestSubmit();
   }
 });
-stop.addEventListener("click", () => finish("Stopped."));
+stop.addEventListener("click", () => {
+  // Stop the generation on the server too, so the provider stops being paid.
+  if (streamId) fetch(`stream/${encodeURIComponent(streamId)}/cancel`, { method: "POST" });
+  finish("Stopped.");
+});
