@@ -25,6 +25,10 @@ from handlers.sse_decoder import SSEDecoder
 DATA = Path(__file__).parent / "data"
 
 
+# Every recorded provider stream, by file name.
+TRANSCRIPTS = sorted(path.name for path in DATA.glob("*.sse"))
+
+
 def transcript(name: str) -> bytes:
     """A recorded provider stream from ``tests/data``."""
     return (DATA / name).read_bytes()

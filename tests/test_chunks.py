@@ -6,21 +6,12 @@ from typing import Any
 
 import orjson
 import pytest
-from helpers import transcript
+from helpers import TRANSCRIPTS, transcript
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handlers.chunks import ChunkTranslator, normalize_usage
 from handlers.sse_decoder import ServerSentEvent, SSEDecoder
-
-TRANSCRIPTS = [
-    "deepseek_reasoner.sse",
-    "openai_tool_calls.sse",
-    "openai_content.sse",
-    "vllm_reasoning.sse",
-    "openrouter_reasoning.sse",
-    "think_in_content.sse",
-]
 
 
 def relay_events(pieces: list[bytes]) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from helpers import FakeProvider, RelayFactory, Reply, collect, text_of, transcript, types, without_timings
+from helpers import TRANSCRIPTS, FakeProvider, RelayFactory, Reply, collect, text_of, transcript, types, without_timings
 
 
 async def test_deepseek_reasoner_streams_reasoning_then_content(relay_to: RelayFactory, provider: FakeProvider) -> None:
@@ -76,17 +76,7 @@ async def test_think_block_in_content_becomes_reasoning_and_never_leaks(
     assert all("think>" not in e.data.get("text", "") for e in events)
 
 
-ALL_TRANSCRIPTS = [
-    "deepseek_reasoner.sse",
-    "openai_tool_calls.sse",
-    "openai_content.sse",
-    "vllm_reasoning.sse",
-    "openrouter_reasoning.sse",
-    "think_in_content.sse",
-]
-
-
-@pytest.mark.parametrize("name", ALL_TRANSCRIPTS)
+@pytest.mark.parametrize("name", TRANSCRIPTS)
 @pytest.mark.parametrize("size", [1, 7, 64], ids=lambda n: f"{n}-byte-writes")
 async def test_network_chunking_does_not_change_the_events(
     relay_to: RelayFactory, provider: FakeProvider, name: str, size: int
