@@ -88,6 +88,10 @@ async def _resume(request: web.Request, streams: Streams, stream_id: str, after:
             code="resume_gap",
             http_status=410,
         ) from None
+    except ValueError:
+        raise RequestError(
+            f"stream {stream_id!r} has not reached event {after}", code="invalid_last_event_id"
+        ) from None
     if finished and not entries:
         # Nothing more will ever come: 204 tells an EventSource to stop reconnecting.
         return web.Response(status=204)

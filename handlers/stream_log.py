@@ -9,7 +9,8 @@ Memory is bounded twice: each stream keeps at most ``stream_bytes`` of its
 newest events, and all streams together at most ``total_bytes``; finished
 streams are evicted first, oldest first, and then the oldest events of the
 stream that is growing. A reader that asks for an evicted event gets
-:class:`LogGap`, never a silent hole.
+:class:`LogGap`, never a silent hole; an evicted stream's record stays until
+it expires, so that a late reader learns of the gap.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class StreamLog(ABC):
     async def read(self, after: int) -> tuple[list[Entry], bool]:
         """The events after sequence number ``after``, and whether the log is finished.
 
-        Raises :class:`LogGap` if some of them are no longer kept.
+        Raises :class:`LogGap` if some of them are no longer kept, and
+        :class:`ValueError` if ``after`` is beyond the last event.
         """
 
     @abstractmethod
@@ -133,6 +135,8 @@ class MemoryStreamLog(StreamLog):
 
     async def read(self, after: int) -> tuple[list[Entry], bool]:
         if after >= self._last:
+            if after > self._last:
+                raise ValueError(f"stream {self.stream_id} has no event {after} yet")
             return [], self._finished
         entries, head = self._entries, self._head
         if head == len(entries) or entries[head].seq > after + 1:
@@ -205,8 +209,10 @@ class MemoryStreamStore(StreamStore):
         if log.size > self._stream_bytes:
             self.size -= log.trim(self._stream_bytes)
         while self.size > self._total_bytes and self._done:
-            stream_id, _ = self._done.popitem(last=False)
-            logger.warning("stream memory is full: forgetting finished stream %s early", stream_id)
-            self.discard(stream_id)
+            stream_id, done = self._done.popitem(last=False)
+            logger.warning("stream memory is full: dropping the events of finished stream %s early", stream_id)
+            # The log itself stays until it expires, so a resume is told of the gap (410),
+            # not that the stream never existed (404).
+            self.size -= done.trim(0)
         if self.size > self._total_bytes:
             self.size -= log.trim(max(0, log.size - (self.size - self._total_bytes)))

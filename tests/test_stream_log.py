@@ -81,7 +81,7 @@ async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
         await log.read(0)
 
 
-async def test_finished_streams_are_forgotten_first_when_memory_runs_short() -> None:
+async def test_finished_streams_lose_their_events_first_when_memory_runs_short() -> None:
     store = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=12 * KIB)
     old = store.create("old")
     await old.append([event(i, size=500) for i in range(10)])
@@ -89,9 +89,19 @@ async def test_finished_streams_are_forgotten_first_when_memory_runs_short() -> 
     live = store.create("live")
     await live.append([event(i, size=500) for i in range(10)])
 
-    assert store.get("old") is None
-    assert store.get("live") is live
     assert store.size <= 12 * KIB
+    assert [e.seq for e in (await live.read(0))[0]] == list(range(1, 11))
+    assert store.get("old") is old, "its record stays, so a resume hears of the gap"
+    with pytest.raises(LogGap):
+        await old.read(0)
+
+
+async def test_a_position_beyond_the_last_event_is_refused() -> None:
+    log = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=8 * KIB).create("s")
+    await log.append([event(1)])
+
+    with pytest.raises(ValueError):
+        await log.read(2)
 
 
 async def test_running_streams_share_the_total_budget_by_trimming_the_one_that_grows() -> None:
