@@ -56,7 +56,9 @@ def create_app(config: Config) -> web.Application:
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
     """One pooled ``ClientSession`` for every upstream request of this app."""
     config = app[config_key]
-    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout, sock_read=config.idle_timeout)
+    # Only the connect timeout is aiohttp's: the first-byte and idle timeouts are the
+    # upstream reader's own (see stream_chat).
+    timeout = aiohttp.ClientTimeout(total=None, connect=config.connect_timeout)
     # limit=0: the number of concurrent streams is bounded by the relay, not by the pool.
     connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector, raise_for_status=False) as session:

@@ -149,6 +149,7 @@ class Generation:
                 chat.payload(config.include_usage),
                 max_line=config.max_line_bytes,
                 first_byte_timeout=config.first_byte_timeout,
+                idle_timeout=config.idle_timeout,
             )
             async with contextlib.aclosing(events):
                 async for batch in events:

@@ -54,6 +54,7 @@ async def stream_chat(
     *,
     max_line: int,
     first_byte_timeout: float | None = None,
+    idle_timeout: float | None = None,
 ) -> AsyncGenerator[list[Event], None]:
     """POST ``payload`` and yield batches of events until the answer is whole.
 
@@ -62,15 +63,19 @@ async def stream_chat(
     other end raises an :class:`UpstreamError` subclass.
 
     ``first_byte_timeout`` bounds the wait from sending the request to the
-    first byte of the body (a keep-alive comment counts); after that only the
-    session's idle timeout applies, as reasoning models can think for minutes.
+    first byte of the body; ``idle_timeout`` then bounds each wait for the
+    next bytes (keep-alive comments count). Both run on one deadline, paused
+    while the caller handles a batch. (aiohttp's ``sock_read`` would also cap
+    the wait for the response headers, overriding the first-byte timeout.)
     """
     headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
-    first_byte = asyncio.timeout(first_byte_timeout)
+    loop = asyncio.get_running_loop()
+    deadline = asyncio.timeout_at(None if first_byte_timeout is None else loop.time() + first_byte_timeout)
+    received = False
     try:
-        async with first_byte, session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
+        async with deadline, session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
             if response.status >= 400:
                 raise UpstreamStatusError(response.status, await _error_message(response))
             if response.content_type != "text/event-stream":
@@ -81,7 +86,8 @@ async def stream_chat(
             decoder = SSEDecoder(max_line)
             translator = ChunkTranslator()
             async for chunk in response.content.iter_any():
-                first_byte.reschedule(None)
+                received = True
+                deadline.reschedule(None)
                 batch = translator.feed(decoder.feed(chunk))
                 if translator.done:
                     batch.append(translator.done_event())
@@ -94,6 +100,8 @@ async def stream_chat(
                     raise translator.error
                 if decoder.error is not None:
                     raise UpstreamProtocolError(str(decoder.error), code="upstream_line_too_long")
+                if idle_timeout is not None:
+                    deadline.reschedule(loop.time() + idle_timeout)
             tail = translator.feed(decoder.close()) + translator.close()
             finished = translator.complete and translator.error is None
             if finished:
@@ -116,11 +124,14 @@ async def stream_chat(
         raise UpstreamConnectError(f"cannot connect to the provider at {exc.host}:{exc.port}: {exc.strerror}") from None
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamTimeout("timed out connecting to the provider", code="upstream_connect_timeout") from None
-    except TimeoutError as exc:
-        if isinstance(exc, aiohttp.SocketTimeoutError):
-            raise UpstreamTimeout("the provider stopped sending data", code="upstream_idle_timeout") from None
+    except TimeoutError:
+        if received:
+            raise UpstreamTimeout(
+                f"the provider sent nothing for {idle_timeout} s (idle timeout)", code="upstream_idle_timeout"
+            ) from None
         raise UpstreamTimeout(
-            "the provider sent nothing in time (first byte timeout)", code="upstream_first_byte_timeout"
+            f"the provider sent nothing within {first_byte_timeout} s (first byte timeout)",
+            code="upstream_first_byte_timeout",
         ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
         raise UpstreamError(
