@@ -17,7 +17,7 @@ from aiohttp import web
 from handlers.app import create_app
 from handlers.config import Config, ConfigError, load_config
 
-__all__ = ["Config", "create_app", "main"]
+__all__ = ["Config", "app_factory", "create_app", "main"]
 
 logger = logging.getLogger("thinkstream")
 
@@ -31,6 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("cannot start: %s", exc)
         return 2
     logging.getLogger().setLevel(config.log_level.upper())
+    if not config.is_loopback and not config.tokens:
+        logger.warning(
+            "listening on %s without access tokens: anyone who can reach this address can spend your "
+            "provider budget. Set THINKSTREAM_TOKENS (or --token), or listen on 127.0.0.1.",
+            config.host,
+        )
     if config.uses_demo:
         logger.info("no provider configured: answering with the embedded demo model (set LLM_BASE_URL to change)")
     else:
@@ -47,6 +53,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutdown_timeout=config.shutdown_timeout + 5,
     )
     return 0
+
+
+async def app_factory() -> web.Application:
+    """The app configured from the environment, for process managers such as gunicorn:
+    ``gunicorn 'server:app_factory' --worker-class aiohttp.GunicornWebWorker``."""
+    return create_app(load_config([], os.environ))
 
 
 def _announce(banner: str) -> None:

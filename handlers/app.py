@@ -13,14 +13,16 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
+import aiohttp_cors
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import demo, page
+from . import demo, ops, page
+from .access import Access, client_key
 from .config import Config
 from .errors import RelayError, error_response, http_error_response
 from .generation import Streams
-from .keys import client_session_key, config_key, streams_key
+from .keys import access_key, client_session_key, config_key, streams_key
 from .stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
 from .stream_log import MemoryStreamStore
 
@@ -29,28 +31,56 @@ __all__ = ["create_app"]
 logger = logging.getLogger(__name__)
 
 
+# Routes anyone may use: the page, probes and the demo model (which costs nothing).
+_PUBLIC = frozenset({"index", "static", "healthz", "readyz", "demo-models", DEMO_ROUTE})
+
+
 def create_app(config: Config) -> web.Application:
     """The relay, its demo model and its page, configured by ``config``."""
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors, _access])
     app[config_key] = config
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_streams)
+    app.cleanup_ctx.append(_access_control)
     app.on_shutdown.append(_drain_streams)
     app.on_response_prepare.append(_nosniff)
-    app.add_routes(
+    api = app.add_routes(
         [
-            web.get("/", page.index, name="index"),
             web.get("/stream", start_stream, name="stream", allow_head=False),
             web.post("/stream", start_stream),
             web.get("/stream/{id}", resume_stream, name="resume", allow_head=False),
             web.delete("/stream/{id}", cancel_stream),
             web.post("/stream/{id}/cancel", cancel_stream, name="cancel"),
+            web.get("/models", ops.models, name="models"),
+            web.get("/metrics", ops.metrics, name="metrics"),
+        ]
+    )
+    app.add_routes(
+        [
+            web.get("/", page.index, name="index"),
+            web.get("/healthz", ops.healthz, name="healthz"),
+            web.get("/readyz", ops.readyz, name="readyz"),
             web.get("/demo/v1/models", demo.models, name="demo-models"),
             web.post("/demo/v1/chat/completions", demo.chat_completions, name=DEMO_ROUTE),
             web.static("/static", page.STATIC_DIR, name="static"),
         ]
     )
+    if config.cors_origins:
+        _allow_cross_origin(app, config, api)
     return app
+
+
+def _allow_cross_origin(app: web.Application, config: Config, routes: list[web.AbstractRoute]) -> None:
+    """CORS for the API routes, through aiohttp-cors, for the configured origins only."""
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]  # aiohttp-cors ships no types
+        allow_credentials=config.cors_credentials,
+        allow_headers=("Content-Type", "Authorization", "Last-Event-ID", "Accept"),
+        allow_methods=("GET", "POST", "DELETE"),
+        max_age=600,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(config.cors_origins, options))
+    for route in routes:
+        cors.add(route)
 
 
 async def _client_session(app: web.Application) -> AsyncIterator[None]:
@@ -79,6 +109,15 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
         await streams.close()
 
 
+async def _access_control(app: web.Application) -> AsyncIterator[None]:
+    access = Access(app[config_key])
+    app[access_key] = access
+    try:
+        yield
+    finally:
+        await access.close()
+
+
 async def _drain_streams(app: web.Application) -> None:
     """On shutdown: let running streams finish up to the deadline, then end them."""
     await app[streams_key].drain()
@@ -90,6 +129,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     try:
         return await handler(request)
     except RelayError as exc:
+        request.config_dict[streams_key].metrics.rejections.labels(exc.code).inc()
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -100,6 +140,20 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except Exception:
         logger.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(RelayError("the server failed unexpectedly; see its log"))
+
+
+@web.middleware
+async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """API routes: a valid token when tokens are set, and the client's request rate."""
+    resource = request.match_info.route.resource
+    if resource is None or resource.name in _PUBLIC or request.method == "OPTIONS":
+        # No such route (a 404 follows), a public one, or a CORS preflight, which carries no credentials.
+        return await handler(request)
+    access = request.config_dict[access_key]
+    client = access.client(request)
+    await access.check_rate(client)
+    request[client_key] = client
+    return await handler(request)
 
 
 async def _nosniff(request: web.Request, response: web.StreamResponse) -> None:

@@ -7,7 +7,7 @@ nothing malformed ever reaches the provider or raises past the handler.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,7 @@ def _from_query(query: Mapping[str, str], config: Config) -> ChatRequest:
     if system.strip():
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": prompt})
+    _check_size(messages, config)
     return ChatRequest(tuple(messages), _model(query.get("model"), config), {})
 
 
@@ -88,6 +89,7 @@ def _from_json(data: Any, config: Config) -> ChatRequest:
             code="invalid_request",
         )
     messages = _messages(data.get("messages"))
+    _check_size(messages, config)
     options: dict[str, Any] = {}
     for name, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0)):
         if data.get(name) is not None:
@@ -138,6 +140,19 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
                 raise RequestError(f"{where}.{name} must be a string", code="invalid_messages")
         out.append(dict(message))
     return tuple(out)
+
+
+def _check_size(messages: Sequence[dict[str, Any]], config: Config) -> None:
+    """Bound what one request can make the provider read (and bill)."""
+    if len(messages) > config.max_messages:
+        raise RequestError(
+            f"{len(messages)} messages is more than the {config.max_messages} allowed", code="too_many_messages"
+        )
+    chars = sum(len(m.get("content") or "") for m in messages)
+    if chars > config.max_chars:
+        raise RequestError(
+            f"the messages hold {chars} characters, more than the {config.max_chars} allowed", code="too_much_text"
+        )
 
 
 def _model(value: Any, config: Config) -> str:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import limits
 from yarl import URL
 
 __all__ = ["DEEPSEEK_BASE_URL", "OPENAI_BASE_URL", "Config", "ConfigError", "load_config", "settings"]
@@ -182,6 +184,78 @@ class Config:
         env=["THINKSTREAM_DEMO_TOKENS"],
         flag="--demo-tokens",
     )
+    tokens: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated access tokens. When set, every API route needs 'Authorization: Bearer "
+        "<token>' (or ?access_token= for EventSource); the page asks for one. Unset: open to anyone "
+        "who can reach the port.",
+        env=["THINKSTREAM_TOKENS"],
+        flag="--token",
+        secret=True,
+    )
+    max_messages: int = _setting(
+        256,
+        "Most messages in one request (more: 400).",
+        env=["THINKSTREAM_MAX_MESSAGES"],
+        flag="--max-messages",
+    )
+    max_chars: int = _setting(
+        400_000,
+        "Most characters of message content in one request, all messages together (more: 400).",
+        env=["THINKSTREAM_MAX_CHARS"],
+        flag="--max-chars",
+    )
+    max_streams: int = _setting(
+        5000,
+        "Most generations running at once in this process (more: 503 with Retry-After).",
+        env=["THINKSTREAM_MAX_STREAMS"],
+        flag="--max-streams",
+    )
+    client_streams: int = _setting(
+        20,
+        "Most generations one client may have running at once (more: 429 with Retry-After). "
+        "A client is its token, or else its address.",
+        env=["THINKSTREAM_CLIENT_STREAMS"],
+        flag="--client-streams",
+    )
+    rate_limit: str = _setting(
+        "120/minute",
+        "Most API requests per client, as N/second, N/minute or N/hour (more: 429 with Retry-After).",
+        env=["THINKSTREAM_RATE_LIMIT"],
+        flag="--rate-limit",
+    )
+    trusted_proxies: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated addresses or networks of reverse proxies whose X-Forwarded-For is "
+        "believed when telling clients apart (for example 127.0.0.1,10.0.0.0/8).",
+        env=["THINKSTREAM_TRUSTED_PROXIES"],
+        flag="--trusted-proxies",
+    )
+    cors_origins: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated origins (scheme://host[:port]) whose pages may call the API from a "
+        "browser. Unset: same origin only.",
+        env=["THINKSTREAM_CORS_ORIGINS"],
+        flag="--cors-origins",
+    )
+    cors_credentials: bool = _setting(
+        False,
+        "Let those origins send credentials (cookies, HTTP authentication) with their requests.",
+        env=["THINKSTREAM_CORS_CREDENTIALS"],
+        flag="--cors-credentials",
+    )
+    ready_check: bool = _setting(
+        False,
+        "Make /readyz also check that the provider answers (GET <base-url>/models), not just that one is configured.",
+        env=["THINKSTREAM_READY_CHECK"],
+        flag="--ready-check",
+    )
+    log_content: bool = _setting(
+        False,
+        "Debugging only: put prompts and answers in the per-stream log line.",
+        env=["THINKSTREAM_LOG_CONTENT"],
+        flag="--log-content",
+    )
     log_level: str = _setting(
         "INFO",
         "Logging level: DEBUG, INFO, WARNING or ERROR.",
@@ -202,6 +276,16 @@ class Config:
         if self.model:
             return self.model
         return DEMO_MODEL
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether only this machine can reach the listener."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
@@ -256,6 +340,24 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"demo_tokens must be zero or more, not {config.demo_tokens}")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, not {config.log_level!r}")
+    for name in ("max_messages", "max_chars", "max_streams", "client_streams"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
+    try:
+        limits.parse(config.rate_limit)
+    except ValueError:
+        raise ConfigError(f"rate limit {config.rate_limit!r} is not of the form N/second, N/minute or N/hour") from None
+    for proxy in config.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise ConfigError(f"trusted proxy {proxy!r} is not an IP address or network") from None
+    for origin in config.cors_origins:
+        url = URL(origin)
+        if origin != "*" and (url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/")):
+            raise ConfigError(f"CORS origin {origin!r} must look like https://example.com")
+    if any(not t or t != t.strip() for t in config.tokens):
+        raise ConfigError("tokens must be non-empty and without spaces around them")
     if any(not m or m != m.strip() for m in config.models):
         raise ConfigError(f"models must be non-empty names without spaces around them: {config.models!r}")
 
@@ -269,7 +371,7 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected true or false, not {text!r}")
 
 
-def _parse_models(text: str) -> tuple[str, ...]:
+def _parse_list(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
@@ -282,7 +384,7 @@ def _parser_for(f: dataclasses.Field[Any]) -> Callable[[str], Any]:
     if isinstance(default, float):
         return float
     if isinstance(default, tuple):
-        return _parse_models
+        return _parse_list
     return str
 
 

@@ -9,6 +9,7 @@ after it has.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "error_response",
+    "redact",
 ]
 
 
@@ -154,3 +156,18 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
         if name in exc.headers:
             response.headers[name] = exc.headers[name]
     return response
+
+
+# Things shaped like API keys (sk-…, including masked ones such as "sk-proj-****abcd").
+_KEY_SHAPES = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_*\-]{6,}")
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without ``secret`` or anything shaped like an API key.
+
+    Providers echo keys in their error messages (OpenAI: "Incorrect API key
+    provided: sk-proj-****abcd"), and those messages are relayed to clients.
+    """
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _KEY_SHAPES.sub("[redacted]", text)

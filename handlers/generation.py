@@ -27,7 +27,8 @@ from aiohttp import web
 
 from .chat_request import ChatRequest
 from .config import Config
-from .errors import RelayError
+from .errors import RelayError, UpstreamError
+from .metrics import Metrics
 from .stream_log import Entry, StreamLog, StreamStore
 from .upstream import Upstream, stream_chat
 
@@ -104,9 +105,10 @@ class Reader:
 class Generation:
     """One upstream request and the log it writes."""
 
-    def __init__(self, stream_id: str, model: str, log: StreamLog) -> None:
+    def __init__(self, stream_id: str, model: str, client: str, log: StreamLog) -> None:
         self.id = stream_id
         self.model = model
+        self.client = client
         self.log = log
         self.task: asyncio.Task[None] | None = None
         self.readers = 0
@@ -132,11 +134,16 @@ class Generation:
             self.task.cancel()
         return True
 
-    async def run(self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest, config: Config) -> None:
+    async def run(
+        self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest, config: Config, metrics: Metrics
+    ) -> None:
         """Read the provider into the log; the log always ends with ``done`` or ``error``."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         ttft_ms: float | None = None
+        usage: dict[str, int] | None = None
+        failure: RelayError | None = None
+        answer: list[str] | None = [] if config.log_content else None
         log = self.log
         self._started = True
         try:
@@ -154,36 +161,81 @@ class Generation:
             async with contextlib.aclosing(events):
                 async for batch in events:
                     now = loop.time()
+                    counts: dict[str, int] = {}
                     for event in batch:
-                        if event["type"] == "done":
+                        kind = event["type"]
+                        counts[kind] = counts.get(kind, 0) + 1
+                        if kind == "done":
                             event["ttft_ms"] = ttft_ms
                             event["duration_ms"] = round((now - started) * 1000, 1)
+                            usage = event["usage"]
                         elif ttft_ms is None:
                             ttft_ms = round((now - started) * 1000, 1)
+                        if answer is not None and kind == "content":
+                            answer.append(event["text"])
                     await log.append([encode(event) for event in batch])
+                    metrics.count_events(counts)
             self.outcome = "done"
         except asyncio.CancelledError:
-            reason = self._stop_reason or cancelled()
-            self.outcome = reason.code
-            await log.append([encode(reason.event())])
+            failure = self._stop_reason or cancelled()
             raise
         except RelayError as exc:
-            self.outcome = exc.code
-            await log.append([encode(exc.event())])
+            failure = exc
         except Exception:
-            self.outcome = "internal_error"
             logger.exception("stream %s failed", self.id)
-            await log.append([encode(RelayError("the relay failed unexpectedly; see the server log").event())])
+            failure = RelayError("the relay failed unexpectedly; see the server log")
         finally:
+            if failure is not None:
+                self.outcome = failure.code
+                await log.append([encode(failure.event())])
+                metrics.count_events({"error": 1})
             await log.finish()
-            logger.info(
-                "stream %s ended: %s (model %s, first token %s ms, %.0f ms)",
-                self.id,
+            duration = loop.time() - started
+            metrics.stream_ended(
                 self.outcome,
-                self.model,
-                ttft_ms,
-                (loop.time() - started) * 1000,
+                None if ttft_ms is None else ttft_ms / 1000,
+                duration,
+                usage,
+                upstream=isinstance(failure, UpstreamError),
+                status=failure.upstream_status if failure is not None else None,
             )
+            self._log_end(ttft_ms, duration, usage, chat, answer)
+
+    def _log_end(
+        self,
+        ttft_ms: float | None,
+        duration: float,
+        usage: dict[str, int] | None,
+        chat: ChatRequest,
+        answer: list[str] | None,
+    ) -> None:
+        """One structured (logfmt) line per stream; no prompt or answer text unless asked for."""
+        usage = usage or {}
+        fields: dict[str, object] = {
+            "stream": self.id,
+            "model": self.model,
+            "client": self.client,
+            "outcome": self.outcome,
+            "ttft_ms": ttft_ms,
+            "duration_ms": round(duration * 1000),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "reasoning_tokens": usage.get("reasoning_tokens"),
+        }
+        if answer is not None:
+            fields["prompt"] = chat.messages[-1].get("content")
+            fields["answer"] = "".join(answer)
+        line = " ".join(f"{name}={_logfmt(value)}" for name, value in fields.items())
+        logger.info("stream ended %s", line, extra={"stream": fields})
+
+
+def _logfmt(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value)
+    if not text or any(c in text for c in ' ="\\\n'):
+        return orjson.dumps(text).decode()
+    return text
 
 
 class Streams:
@@ -192,14 +244,18 @@ class Streams:
     def __init__(self, config: Config, store: StreamStore) -> None:
         self.config = config
         self.store = store
+        self.metrics = Metrics(lambda: self._running, lambda: len(self._readers))
         self.accepting = True
+        self._running = 0
+        self._per_client: dict[str, int] = {}
         self._generations: dict[str, Generation] = {}
         self._readers: set[Reader] = set()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._watchdog: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
-        return sum(1 for g in self._generations.values() if g.running)
+        """Generations running now."""
+        return self._running
 
     @property
     def reader_count(self) -> int:
@@ -208,12 +264,32 @@ class Streams:
     def get(self, stream_id: str) -> Generation | None:
         return self._generations.get(stream_id)
 
-    def start(self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest) -> Generation:
-        """Create the stream and start its generation, which writes ``meta`` before calling the provider."""
+    def start(self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest, client: str) -> Generation:
+        """Create the stream and start its generation, which writes ``meta`` before calling the provider.
+
+        Refused (503, or 429 for one client) when too many generations already run.
+        """
+        config = self.config
+        if self._running >= config.max_streams:
+            raise RelayError(
+                "the server is at its limit of concurrent streams; try again shortly",
+                code="server_busy",
+                http_status=503,
+                retry_after=5,
+            )
+        if self._per_client.get(client, 0) >= config.client_streams:
+            raise RelayError(
+                f"you already have {config.client_streams} streams running; wait for one to end",
+                code="too_many_streams",
+                http_status=429,
+                retry_after=5,
+            )
         stream_id = secrets.token_urlsafe(12)
         log = self.store.create(stream_id)
-        generation = Generation(stream_id, chat.model, log)
+        generation = Generation(stream_id, chat.model, client, log)
         self._generations[stream_id] = generation
+        self._running += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         generation.task = asyncio.create_task(self._run(generation, session, upstream, chat))
         return generation
 
@@ -221,8 +297,14 @@ class Streams:
         self, generation: Generation, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest
     ) -> None:
         try:
-            await generation.run(session, upstream, chat, self.config)
+            await generation.run(session, upstream, chat, self.config, self.metrics)
         finally:
+            self._running -= 1
+            left = self._per_client[generation.client] - 1
+            if left:
+                self._per_client[generation.client] = left
+            else:
+                del self._per_client[generation.client]
             self._expire_later(generation.id)
 
     def attach(self, stream_id: str, request: web.BaseRequest) -> Reader:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from .access import Access
 from .config import Config
 from .generation import Streams
 
-__all__ = ["client_session_key", "config_key", "streams_key"]
+__all__ = ["access_key", "client_session_key", "config_key", "streams_key"]
 
 config_key = web.AppKey("config_key", Config)
 client_session_key = web.AppKey("client_session_key", aiohttp.ClientSession)
 streams_key = web.AppKey("streams_key", Streams)
+access_key = web.AppKey("access_key", Access)

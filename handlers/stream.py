@@ -17,6 +17,7 @@ import contextlib
 
 from aiohttp import web
 
+from .access import client_key
 from .chat_request import read_chat_request
 from .config import Config
 from .errors import ClientGone, RelayError, RequestError
@@ -46,7 +47,8 @@ async def start_stream(request: web.Request) -> web.StreamResponse:
     if not streams.accepting:
         raise server_shutdown()
     upstream = _upstream(request, config)
-    generation = streams.start(request.config_dict[client_session_key], upstream, chat)
+    client = request.get(client_key) or request.remote or "unknown"
+    generation = streams.start(request.config_dict[client_session_key], upstream, chat, client)
     return await _follow(request, streams, generation.log, 0, ndjson)
 
 
@@ -95,6 +97,7 @@ async def _resume(request: web.Request, streams: Streams, stream_id: str, after:
     if finished and not entries:
         # Nothing more will ever come: 204 tells an EventSource to stop reconnecting.
         return web.Response(status=204)
+    streams.metrics.resumes.inc()
     return await _follow(request, streams, log, after, ndjson)
 
 

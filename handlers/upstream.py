@@ -24,6 +24,7 @@ from .errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
+    redact,
 )
 from .sse_decoder import SSEDecoder
 
@@ -116,6 +117,11 @@ async def stream_chat(
                     code="upstream_incomplete",
                     retryable=True,
                 )
+    except UpstreamError as exc:
+        # The provider's own words are relayed to the client: never with a key in them.
+        exc.message = redact(exc.message, upstream.api_key)
+        exc.args = (exc.message,)
+        raise
     except aiohttp.ClientConnectorDNSError as exc:
         raise UpstreamConnectError(
             f"cannot resolve the provider's host {exc.host!r}: check the base URL", code="upstream_dns"

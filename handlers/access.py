@@ -1,0 +1,109 @@
+"""Who may use the API, and how much: access tokens, client identity, rate limits.
+
+A relay holds someone's paid API key, so an open one is an open wallet. When
+tokens are configured every API route wants one, compared in constant time.
+Each request is attributed to a *client*: its token (by fingerprint, never
+the token itself) or else its address, with ``X-Forwarded-For`` believed
+only from configured proxies. Request rates are limited per client with the
+``limits`` library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import math
+import time
+
+import limits
+from aiohttp import web
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from .config import Config
+from .errors import RelayError
+
+__all__ = ["Access", "client_key"]
+
+# The client a request is attributed to, set by the access middleware.
+client_key = web.RequestKey("client_key", str)
+
+
+class Access:
+    """Access control and per-client request rates for one application."""
+
+    def __init__(self, config: Config) -> None:
+        self._tokens = [token.encode() for token in config.tokens]
+        self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+        self._limit = limits.parse(config.rate_limit)
+        self._storage = MemoryStorage()
+        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
+
+    @property
+    def requires_token(self) -> bool:
+        return bool(self._tokens)
+
+    def client(self, request: web.BaseRequest) -> str:
+        """Authenticate ``request`` (401 if it must and cannot) and name its client."""
+        if not self._tokens:
+            return self._address(request)
+        given = _bearer(request)
+        # Compare with every token, without stopping early, so timing tells nothing.
+        matched = False
+        for token in self._tokens:
+            matched |= hmac.compare_digest(token, given)
+        if not given or not matched:
+            raise RelayError(
+                "this relay needs an access token: send 'Authorization: Bearer <token>'",
+                code="unauthorized",
+                http_status=401,
+            )
+        return "token:" + hashlib.sha256(given).hexdigest()[:12]
+
+    async def check_rate(self, client: str) -> None:
+        """Count one request for ``client``; 429 with Retry-After past the limit."""
+        if await self._limiter.hit(self._limit, client):
+            return
+        stats = await self._limiter.get_window_stats(self._limit, client)
+        retry_after = max(1, math.ceil(stats.reset_time - time.time()))
+        raise RelayError(
+            f"too many requests: the limit is {self._limit}; try again in {retry_after} s",
+            code="rate_limited",
+            http_status=429,
+            retry_after=retry_after,
+        )
+
+    async def close(self) -> None:
+        """Stop the storage's expiry task, so that none is left pending at exit."""
+        timer = self._storage.timer
+        if timer is not None and not timer.done():
+            timer.cancel()
+        await self._storage.reset()
+
+    def _address(self, request: web.BaseRequest) -> str:
+        """The peer's address, or the client's as told by trusted proxies."""
+        peer = request.remote or "unknown"
+        if not self._proxies or not self._trusted(peer):
+            return peer
+        hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", ()) for hop in header.split(",")]
+        # Walk back from the nearest hop; the first address no trusted proxy vouches for is the client.
+        for hop in reversed([hop for hop in hops if hop]):
+            if not self._trusted(hop):
+                return hop
+        return peer
+
+    def _trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self._proxies)
+
+
+def _bearer(request: web.BaseRequest) -> bytes:
+    """The token from ``Authorization: Bearer``, or ``?access_token=`` (RFC 6750 §2.3), for EventSource."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip().encode()
+    return request.query.get("access_token", "").encode()

@@ -1,0 +1,66 @@
+"""What an operator and a client ask besides streams: health, readiness, models, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .keys import client_session_key, config_key, streams_key
+
+__all__ = ["healthz", "metrics", "models", "readyz"]
+
+logger = logging.getLogger(__name__)
+
+# How long /readyz waits for the provider when asked to check it.
+_READY_TIMEOUT = 5.0
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: the process is up and serving."""
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """``GET /readyz``: ready for streams: a provider is configured and, with ``--ready-check``, answers."""
+    config = request.config_dict[config_key]
+    streams = request.config_dict[streams_key]
+    if not streams.accepting:
+        return web.json_response({"status": "shutting_down"}, status=503)
+    if config.uses_demo:
+        return web.json_response({"status": "ok", "provider": "demo"})
+    if not config.ready_check:
+        return web.json_response({"status": "ok", "provider": "configured"})
+    assert config.base_url is not None
+    session = request.config_dict[client_session_key]
+    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    url = config.base_url.rstrip("/") + "/models"
+    try:
+        async with asyncio.timeout(_READY_TIMEOUT), session.get(url, headers=headers) as response:
+            status = response.status
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        logger.warning("readiness check: the provider is unreachable: %s", type(exc).__name__)
+        return web.json_response({"status": "unavailable", "reason": "the provider is unreachable"}, status=503)
+    if status >= 400:
+        return web.json_response(
+            {"status": "unavailable", "reason": f"the provider answered HTTP {status}"}, status=503
+        )
+    return web.json_response({"status": "ok", "provider": "reachable"})
+
+
+async def models(request: web.Request) -> web.Response:
+    """``GET /models``: the models a client may choose, the default first."""
+    config = request.config_dict[config_key]
+    data = [{"id": name, "default": name == config.default_model} for name in config.allowed_models]
+    return web.json_response({"object": "list", "data": data})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text format."""
+    body = request.config_dict[streams_key].metrics.render()
+    response = web.Response(body=body)
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
