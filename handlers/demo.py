@@ -89,7 +89,7 @@ def demo_tokens(prompt: str, length: int = 0) -> tuple[list[str], list[str]]:
         paragraph = 0
         while len(tokens) < length:
             paragraph += 1
-            filler = f"\nParagraph {paragraph} goes on about {rng.choice(_ASPECTS)} so the answer is longer.\n"
+            filler = f"\nParagraph {paragraph} goes on about {rng.choice(_ASPECTS)} so the answer is longer.\n\n"
             tokens.extend(_TOKEN.findall(filler))
         del tokens[length:]
     return _TOKEN.findall(reasoning), tokens

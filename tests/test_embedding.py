@@ -22,10 +22,11 @@ async def test_mounted_under_a_prefix_the_page_and_its_assets_are_served(aiohttp
     async with client.get("/chat/") as page:
         assert page.status == 200
         html = await page.text()
-    assert 'src="static/app.js"' in html, "assets are linked relatively"
-    async with client.get("/chat/static/app.js") as script:
+    assert 'src="static/js/app.js"' in html, "assets are linked relatively"
+    async with client.get("/chat/static/js/app.js") as script:
         assert script.status == 200
-        assert 'new EventSource("stream?' in await script.text()
+    async with client.get("/chat/static/js/api.js") as script:
+        assert 'fetch("stream?format=ndjson"' in await script.text(), "API calls are relative too"
 
 
 async def test_mounted_under_a_prefix_the_demo_model_answers_through_stream(aiohttp_client: ClientFactory) -> None:

@@ -1,0 +1,139 @@
+// The relay's HTTP API, as the page uses it. All URLs are relative, so the page
+// works wherever the app is mounted.
+//
+// Streams are read as NDJSON over fetch (which, unlike EventSource, can POST a
+// whole conversation and send an access token). The events are numbered from 1
+// without gaps, so counting them gives the position to resume from: a dropped
+// connection is resumed with GET stream/{id}?last_event_id=<id>:<seq>, and every
+// event arrives exactly once.
+
+const MAX_RESUMES = 8;
+
+/** An error the relay answered before a stream began: {status, code, message}. */
+export class ApiError extends Error {
+  constructor(status, code, message, retryAfter) {
+    super(message);
+    this.status = status;
+    this.code = code;
+    this.retryAfter = retryAfter;
+  }
+
+  static async from(response) {
+    let code = "http_error";
+    let message = `HTTP ${response.status}`;
+    try {
+      const body = await response.json();
+      code = body.error.code;
+      message = body.error.message;
+    } catch {
+      // Not the relay's JSON (a proxy's page, say): keep the status.
+    }
+    return new ApiError(response.status, code, message, response.headers.get("Retry-After"));
+  }
+}
+
+export class Api {
+  /** @param {() => string} getToken the access token, or "" */
+  constructor(getToken) {
+    this.getToken = getToken;
+  }
+
+  headers(extra = {}) {
+    const token = this.getToken();
+    return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+  }
+
+  async models() {
+    const response = await fetch("models", { headers: this.headers() });
+    if (!response.ok) throw await ApiError.from(response);
+    return (await response.json()).data;
+  }
+
+  /**
+   * Start a generation and follow it to its end, resuming after drops.
+   * @param {object} body the POST /stream body
+   * @param {(event: object) => void} onEvent called once per contract event, in order
+   * @returns {{done: Promise<void>, stop: () => Promise<void>}}
+   */
+  stream(body, onEvent) {
+    const controller = new AbortController();
+    let streamId = null;
+    let seq = 0;
+    let ended = false;
+    let stopped = false;
+    const take = (event) => {
+      seq += 1;
+      if (event.type === "meta") streamId = event.stream;
+      if (event.type === "done" || event.type === "error") ended = true;
+      onEvent(event);
+    };
+    const run = async () => {
+      let response = await fetch("stream?format=ndjson", {
+        method: "POST",
+        headers: this.headers({ "Content-Type": "application/json" }),
+        body: JSON.stringify(body),
+        signal: controller.signal,
+      });
+      if (!response.ok) throw await ApiError.from(response);
+      for (let attempt = 0; ; attempt += 1) {
+        const before = seq;
+        try {
+          await readLines(response, take);
+        } catch (error) {
+          if (stopped) return;
+          // A dropped connection: resume below.
+        }
+        if (ended || stopped) return;
+        if (seq > before) attempt = 0;
+        if (streamId === null || attempt >= MAX_RESUMES) {
+          throw new ApiError(0, "connection_lost", "The connection to the server was lost.");
+        }
+        await sleep(Math.min(250 * 2 ** attempt, 4000));
+        if (stopped) return;
+        const query = new URLSearchParams({ format: "ndjson", last_event_id: `${streamId}:${seq}` });
+        try {
+          response = await fetch(`stream/${encodeURIComponent(streamId)}?${query}`, {
+            headers: this.headers(),
+            signal: controller.signal,
+          });
+        } catch (error) {
+          if (stopped) return;
+          continue; // Still offline: try again.
+        }
+        if (response.status === 204) return;
+        if (!response.ok) throw await ApiError.from(response);
+      }
+    };
+    const stop = async () => {
+      stopped = true;
+      controller.abort();
+      if (streamId !== null && !ended) {
+        // Stop the generation on the server too, so the provider stops being paid.
+        await fetch(`stream/${encodeURIComponent(streamId)}/cancel`, { method: "POST", headers: this.headers() });
+      }
+    };
+    return { done: run(), stop };
+  }
+}
+
+async function readLines(response, onEvent) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let newline = buffer.indexOf("\n");
+    while (newline !== -1) {
+      const line = buffer.slice(0, newline);
+      buffer = buffer.slice(newline + 1);
+      if (line) onEvent(JSON.parse(line));
+      newline = buffer.indexOf("\n");
+    }
+  }
+}
+
+function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

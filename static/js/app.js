@@ -1,0 +1,314 @@
+// The chat page: conversations, settings, sending, stopping, regenerating.
+
+import { Api, ApiError } from "./api.js";
+import { newChat, store } from "./store.js";
+import { AssistantMessage, errorWords, userMessage } from "./view.js";
+
+const $ = (id) => document.getElementById(id);
+const ui = {
+  messages: $("messages"),
+  empty: $("empty"),
+  composer: $("composer"),
+  prompt: $("prompt"),
+  send: $("send"),
+  stop: $("stop"),
+  chatList: $("chat-list"),
+  title: $("chat-title"),
+  announcer: $("announcer"),
+  sidebar: $("sidebar"),
+  toggleSidebar: $("toggle-sidebar"),
+  settingsDialog: $("settings-dialog"),
+  settingsForm: $("settings-form"),
+  model: $("model"),
+  system: $("system"),
+  temperature: $("temperature"),
+  tokenDialog: $("token-dialog"),
+  tokenForm: $("token-form"),
+  token: $("token"),
+};
+
+const api = new Api(() => store.token());
+let chats = store.chats();
+let settings = store.settings();
+let models = [];
+let current = null;
+let running = null; // {handle, view, stopped}
+
+function save() {
+  current.updated = Date.now();
+  store.saveChats(chats);
+}
+
+function announce(text) {
+  ui.announcer.textContent = "";
+  // A fresh text node, so that repeating the same words is announced again.
+  requestAnimationFrame(() => (ui.announcer.textContent = text));
+}
+
+// --- Conversations -------------------------------------------------------
+
+function renderChatList() {
+  ui.chatList.replaceChildren();
+  for (const chat of [...chats].sort((a, b) => b.updated - a.updated)) {
+    const item = document.createElement("li");
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "chat-open";
+    open.textContent = chat.title;
+    if (chat === current) open.setAttribute("aria-current", "true");
+    open.addEventListener("click", () => openChat(chat));
+    const remove = document.createElement("button");
+    remove.type = "button";
+    remove.className = "chat-delete";
+    remove.textContent = "Delete";
+    remove.setAttribute("aria-label", `Delete “${chat.title}”`);
+    remove.addEventListener("click", () => deleteChat(chat));
+    item.append(open, remove);
+    ui.chatList.append(item);
+  }
+}
+
+function openChat(chat) {
+  if (running) stop();
+  current = chat;
+  renderChat();
+  renderChatList();
+  ui.sidebar.classList.remove("open");
+  ui.toggleSidebar.setAttribute("aria-expanded", "false");
+  ui.prompt.focus();
+}
+
+function startNewChat() {
+  const chat = newChat();
+  chats.push(chat);
+  openChat(chat);
+}
+
+function deleteChat(chat) {
+  if (running && chat === current) stop();
+  chats = chats.filter((c) => c !== chat);
+  store.saveChats(chats);
+  if (chat === current) {
+    if (chats.length) openChat(chats.reduce((a, b) => (a.updated > b.updated ? a : b)));
+    else startNewChat();
+  } else {
+    renderChatList();
+  }
+}
+
+function renderChat() {
+  ui.messages.replaceChildren(ui.empty);
+  ui.empty.hidden = current.messages.length > 0;
+  ui.title.textContent = current.title;
+  const last = current.messages.length - 1;
+  current.messages.forEach((message, index) => {
+    if (message.role === "user") {
+      const isLastQuestion = index === last || (index === last - 1 && current.messages[last].role === "assistant");
+      ui.messages.append(userMessage(message, { onEdit: isLastQuestion ? editLast : undefined }));
+    } else {
+      const handlers = index === last ? { onRetry: regenerate, onRegenerate: regenerate } : {};
+      ui.messages.append(AssistantMessage.restore(message, handlers).node);
+    }
+  });
+  ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+// --- Sending -------------------------------------------------------------
+
+function send(text) {
+  if (!text.trim() || running) return;
+  current.messages.push({ role: "user", content: text });
+  if (current.title === "New chat") current.title = text.trim().slice(0, 60);
+  save();
+  renderChat();
+  renderChatList();
+  generate();
+}
+
+function requestBody() {
+  const messages = [];
+  if (settings.system.trim()) messages.push({ role: "system", content: settings.system });
+  for (const message of current.messages) {
+    // Failed or empty answers are not part of the conversation the model sees.
+    if (message.role === "assistant" && (message.error || !message.content)) continue;
+    messages.push({ role: message.role, content: message.content });
+  }
+  const body = { messages };
+  if (settings.model) body.model = settings.model;
+  if (settings.temperature !== null && settings.temperature !== "") body.temperature = Number(settings.temperature);
+  return body;
+}
+
+function generate() {
+  const chat = current;
+  const view = new AssistantMessage({ onRetry: regenerate, onRegenerate: regenerate });
+  view.node.setAttribute("aria-busy", "true");
+  ui.empty.hidden = true;
+  ui.messages.append(view.node);
+  const record = { role: "assistant", content: "", reasoning: "" };
+  let outcome = {};
+  const handle = api.stream(requestBody(), (event) => {
+    if (event.type === "reasoning") view.reason(event.text);
+    else if (event.type === "content") view.say(event.text);
+    else if (event.type === "done") outcome = { stats: event };
+    else if (event.type === "error") outcome = { error: { code: event.code, message: event.message } };
+    if (event.type === "reasoning" || event.type === "content") follow();
+  });
+  running = { handle, view, stopped: false };
+  setRunning(true);
+  handle.done
+    .catch((error) => {
+      if (error instanceof ApiError && error.status === 401) {
+        askForToken();
+      }
+      outcome = { error: { code: error.code || "connection_lost", message: error.message } };
+    })
+    .finally(() => {
+      const stopped = running && running.stopped;
+      running = null;
+      setRunning(false);
+      if (stopped) outcome = { ...outcome, stopped: true };
+      view.finish(outcome);
+      Object.assign(record, {
+        content: view.content,
+        reasoning: view.reasoningSoFar,
+        thoughtSeconds: view.thoughtSeconds,
+        ...outcome,
+      });
+      chat.messages.push(record);
+      chat.updated = Date.now();
+      store.saveChats(chats);
+      if (chat === current) renderChat();
+      announce(outcome.error ? `Error: ${errorWords(outcome.error)}` : "Answer complete.");
+    });
+}
+
+function follow() {
+  // Keep the newest text in view, unless the reader scrolled up to read.
+  const box = ui.messages;
+  if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
+}
+
+function setRunning(on) {
+  ui.send.hidden = on;
+  ui.stop.hidden = !on;
+}
+
+function stop() {
+  if (!running) return;
+  running.stopped = true;
+  running.handle.stop();
+}
+
+function dropLastAnswer() {
+  while (current.messages.length && current.messages.at(-1).role === "assistant") current.messages.pop();
+}
+
+function regenerate() {
+  if (running) return;
+  dropLastAnswer();
+  save();
+  renderChat();
+  generate();
+}
+
+function editLast() {
+  if (running) return;
+  dropLastAnswer();
+  const question = current.messages.pop();
+  save();
+  renderChat();
+  ui.prompt.value = question ? question.content : "";
+  ui.prompt.focus();
+}
+
+// --- Settings and token -------------------------------------------------------
+
+async function loadModels() {
+  try {
+    models = await api.models();
+  } catch (error) {
+    if (error instanceof ApiError && error.status === 401) askForToken();
+    models = [];
+  }
+  ui.model.replaceChildren();
+  for (const model of models) {
+    const option = document.createElement("option");
+    option.value = model.default ? "" : model.id;
+    option.textContent = model.default ? `${model.id} (default)` : model.id;
+    ui.model.append(option);
+  }
+  if (!models.length) {
+    const option = document.createElement("option");
+    option.value = "";
+    option.textContent = "Server default";
+    ui.model.append(option);
+  }
+}
+
+function openSettings() {
+  ui.model.value = settings.model;
+  if (ui.model.value !== settings.model) ui.model.value = "";
+  ui.system.value = settings.system;
+  ui.temperature.value = settings.temperature ?? "";
+  ui.settingsDialog.showModal();
+}
+
+ui.settingsDialog.addEventListener("close", () => {
+  if (ui.settingsDialog.returnValue !== "save") return;
+  settings = {
+    model: ui.model.value,
+    system: ui.system.value,
+    temperature: ui.temperature.value === "" ? null : Number(ui.temperature.value),
+  };
+  store.saveSettings(settings);
+});
+
+function askForToken() {
+  if (!ui.tokenDialog.open) {
+    ui.token.value = "";
+    ui.tokenDialog.showModal();
+  }
+}
+
+ui.tokenDialog.addEventListener("close", () => {
+  if (ui.tokenDialog.returnValue !== "save") return;
+  store.saveToken(ui.token.value.trim());
+  loadModels();
+});
+
+// --- Wiring ----------------------------------------------------------------
+
+ui.composer.addEventListener("submit", (event) => {
+  event.preventDefault();
+  const text = ui.prompt.value;
+  if (!text.trim() || running) return;
+  ui.prompt.value = "";
+  send(text);
+});
+ui.prompt.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    ui.composer.requestSubmit();
+  }
+});
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Escape" && running && !ui.settingsDialog.open && !ui.tokenDialog.open) stop();
+});
+ui.stop.addEventListener("click", stop);
+$("new-chat").addEventListener("click", startNewChat);
+$("open-settings").addEventListener("click", openSettings);
+ui.toggleSidebar.addEventListener("click", () => {
+  const open = ui.sidebar.classList.toggle("open");
+  ui.toggleSidebar.setAttribute("aria-expanded", String(open));
+});
+
+if (chats.length) current = chats.reduce((a, b) => (a.updated > b.updated ? a : b));
+else {
+  current = newChat();
+  chats.push(current);
+}
+renderChat();
+renderChatList();
+loadModels();
+ui.prompt.focus();

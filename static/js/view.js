@@ -1,0 +1,187 @@
+// The DOM of one conversation. User text and reasoning are text (textContent);
+// only the model's answer goes through markdown-it and DOMPurify.
+
+import { LiveMarkdown, copyText } from "./markdown.js";
+
+const ERROR_WORDS = {
+  upstream_auth: "The model provider rejected the server's API key.",
+  upstream_forbidden: "The model provider refused this request.",
+  upstream_payment_required: "The model provider account is out of credit.",
+  upstream_rate_limited: "The model provider is rate limiting requests. Try again in a moment.",
+  upstream_unavailable: "The model provider is down or overloaded.",
+  upstream_unreachable: "The model provider cannot be reached.",
+  upstream_dns: "The model provider cannot be reached.",
+  upstream_connect_timeout: "The model provider took too long to answer.",
+  upstream_first_byte_timeout: "The model provider took too long to answer.",
+  upstream_idle_timeout: "The model provider stopped answering.",
+  upstream_timeout: "The model provider took too long to answer.",
+  upstream_disconnected: "The connection to the model provider broke.",
+  upstream_incomplete: "The model provider stopped before the answer was finished.",
+  rate_limited: "Too many requests. Wait a moment and retry.",
+  too_many_streams: "You have too many answers running at once.",
+  server_busy: "The server is busy. Try again shortly.",
+  server_shutdown: "The server is restarting. Try again shortly.",
+  connection_lost: "The connection to the server was lost.",
+  unauthorized: "This server needs an access token.",
+};
+
+export function errorWords(error) {
+  return ERROR_WORDS[error.code] || error.message || "Something went wrong.";
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function button(label, onClick, className = "action") {
+  const node = element("button", className, label);
+  node.type = "button";
+  node.addEventListener("click", onClick);
+  return node;
+}
+
+export function userMessage(message, { onEdit } = {}) {
+  const node = element("article", "message user");
+  node.setAttribute("aria-label", "You");
+  node.append(element("div", "bubble", message.content));
+  if (onEdit) {
+    const actions = element("div", "actions");
+    actions.append(button("Edit", onEdit));
+    node.append(actions);
+  }
+  return node;
+}
+
+/** An assistant message that can be filled live (``live``) or from history. */
+export class AssistantMessage {
+  constructor({ onRetry, onRegenerate } = {}) {
+    this.node = element("article", "message assistant");
+    this.node.setAttribute("aria-label", "Assistant");
+    this.thinking = element("details", "thinking");
+    this.thinking.hidden = true;
+    this.summary = element("summary", null, "Thinking…");
+    this.reasoning = element("div", "reasoning");
+    this.reasoningText = document.createTextNode("");
+    this.reasoning.append(this.reasoningText);
+    this.thinking.append(this.summary, this.reasoning);
+    this.answer = element("div", "answer markdown");
+    this.markdown = new LiveMarkdown(this.answer);
+    this.status = element("p", "status");
+    this.status.hidden = true;
+    this.stats = element("p", "stats");
+    this.actions = element("div", "actions");
+    this.node.append(this.thinking, this.answer, this.status, this.stats, this.actions);
+    this.onRetry = onRetry;
+    this.onRegenerate = onRegenerate;
+    this.content = "";
+    this.reasoningSoFar = "";
+    this.pendingReasoning = "";
+    this.frame = 0;
+    this.thinkingStarted = 0;
+    this.thinkingEnded = 0;
+    this.timer = 0;
+  }
+
+  reason(text) {
+    if (!this.thinkingStarted) {
+      this.thinkingStarted = performance.now();
+      this.thinking.hidden = false;
+      this.thinking.open = true;
+      this.timer = setInterval(() => this.tick(), 100);
+    }
+    this.reasoningSoFar += text;
+    this.pendingReasoning += text;
+    if (!this.frame) {
+      this.frame = requestAnimationFrame(() => {
+        this.frame = 0;
+        this.reasoningText.appendData(this.pendingReasoning);
+        this.pendingReasoning = "";
+      });
+    }
+  }
+
+  say(text) {
+    if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
+    this.content += text;
+    this.markdown.append(text);
+  }
+
+  tick() {
+    const seconds = ((performance.now() - this.thinkingStarted) / 1000).toFixed(1);
+    this.summary.textContent = `Thinking… ${seconds} s`;
+  }
+
+  endThinking(seconds) {
+    clearInterval(this.timer);
+    this.thinkingEnded = performance.now();
+    const took = seconds ?? (this.thinkingEnded - this.thinkingStarted) / 1000;
+    this.summary.textContent = `Thought for ${took.toFixed(1)} s`;
+    // Collapsed, but still there to open.
+    this.thinking.open = false;
+  }
+
+  /** Flush what is pending and show the outcome. */
+  finish({ stats, error, stopped } = {}) {
+    if (this.frame) cancelAnimationFrame(this.frame);
+    this.frame = 0;
+    this.reasoningText.appendData(this.pendingReasoning);
+    this.pendingReasoning = "";
+    if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
+    this.markdown.finish();
+    this.node.setAttribute("aria-busy", "false");
+    if (stats) this.stats.textContent = describeStats(stats);
+    if (stopped) this.showStatus("Stopped.");
+    if (error) {
+      this.showStatus(errorWords(error), true);
+      if (this.onRetry) this.actions.append(button("Retry", this.onRetry));
+    }
+    if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget)));
+    if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate));
+  }
+
+  showStatus(text, isError = false) {
+    this.status.hidden = false;
+    this.status.textContent = text;
+    this.status.classList.toggle("error", isError);
+    if (isError) this.status.setAttribute("role", "alert");
+  }
+
+  /** Fill from a stored message, without animation. */
+  static restore(message, handlers) {
+    const view = new AssistantMessage(handlers);
+    if (message.reasoning) {
+      view.thinking.hidden = false;
+      view.reasoningText.appendData(message.reasoning);
+      view.reasoningSoFar = message.reasoning;
+      view.summary.textContent =
+        message.thoughtSeconds != null ? `Thought for ${message.thoughtSeconds.toFixed(1)} s` : "Thinking";
+    }
+    view.content = message.content || "";
+    view.markdown.append(view.content);
+    view.finish({ stats: message.stats, error: message.error, stopped: message.stopped });
+    return view;
+  }
+
+  get thoughtSeconds() {
+    if (!this.thinkingStarted) return null;
+    return ((this.thinkingEnded || performance.now()) - this.thinkingStarted) / 1000;
+  }
+}
+
+/** "First token 412 ms · 38.2 tokens/s · 1,234 tokens (987 reasoning)" */
+export function describeStats({ ttft_ms: ttft, duration_ms: duration, usage }) {
+  const parts = [];
+  if (ttft != null) parts.push(`First token ${Math.round(ttft)} ms`);
+  const tokens = usage && usage.completion_tokens;
+  if (tokens && ttft != null && duration > ttft) {
+    parts.push(`${(tokens / ((duration - ttft) / 1000)).toFixed(1)} tokens/s`);
+  }
+  if (usage) {
+    const reasoning = usage.reasoning_tokens ? ` (${usage.reasoning_tokens.toLocaleString()} reasoning)` : "";
+    parts.push(`${(usage.total_tokens ?? tokens ?? 0).toLocaleString()} tokens${reasoning}`);
+  }
+  return parts.join(" · ");
+}
