@@ -148,6 +148,7 @@ class Generation:
         self._started = True
         try:
             await log.append([encode({"type": "meta", "stream": self.id, "model": self.model})])
+            metrics.count_events({"meta": 1})
             if self._stop_reason is not None:
                 raise asyncio.CancelledError
             events = stream_chat(
@@ -233,7 +234,7 @@ def _logfmt(value: object) -> str:
     if value is None:
         return "-"
     text = str(value)
-    if not text or any(c in text for c in ' ="\\\n'):
+    if not text or any(c.isspace() or c in '="\\' or not c.isprintable() for c in text):
         return orjson.dumps(text).decode()
     return text
 
