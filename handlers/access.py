@@ -47,7 +47,7 @@ class Access:
     def client(self, request: web.BaseRequest) -> str:
         """Authenticate ``request`` (401 if it must and cannot) and name its client."""
         if not self._tokens:
-            return self._address(request)
+            return self.address(request)
         given = _bearer(request)
         # Compare with every token, without stopping early, so timing tells nothing.
         matched = False
@@ -81,7 +81,7 @@ class Access:
             timer.cancel()
         await self._storage.reset()
 
-    def _address(self, request: web.BaseRequest) -> str:
+    def address(self, request: web.BaseRequest) -> str:
         """The peer's address, or the client's as told by trusted proxies."""
         peer = request.remote or "unknown"
         if not self._proxies or not self._trusted(peer):

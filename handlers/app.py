@@ -76,6 +76,8 @@ def _allow_cross_origin(app: web.Application, config: Config, routes: list[web.A
         allow_credentials=config.cors_credentials,
         allow_headers=("Content-Type", "Authorization", "Last-Event-ID", "Accept"),
         allow_methods=("GET", "POST", "DELETE"),
+        # Pages must be able to read how long to wait after a 429 or 503.
+        expose_headers=("Retry-After",),
         max_age=600,
     )
     cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(config.cors_origins, options))
@@ -150,7 +152,12 @@ async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
         # No such route (a 404 follows), a public one, or a CORS preflight, which carries no credentials.
         return await handler(request)
     access = request.config_dict[access_key]
-    client = access.client(request)
+    try:
+        client = access.client(request)
+    except RelayError:
+        # Wrong tokens count against the address's rate, so guessing is as slow as the limit.
+        await access.check_rate(access.address(request))
+        raise
     await access.check_rate(client)
     request[client_key] = client
     return await handler(request)

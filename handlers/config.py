@@ -234,7 +234,7 @@ class Config:
     cors_origins: tuple[str, ...] = _setting(
         (),
         "Comma-separated origins (scheme://host[:port]) whose pages may call the API from a "
-        "browser. Unset: same origin only.",
+        "browser, or * for any. Unset: same origin only.",
         env=["THINKSTREAM_CORS_ORIGINS"],
         flag="--cors-origins",
     )
@@ -356,6 +356,8 @@ def _validate(config: Config) -> None:
         url = URL(origin)
         if origin != "*" and (url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/")):
             raise ConfigError(f"CORS origin {origin!r} must look like https://example.com")
+    if config.cors_credentials and "*" in config.cors_origins:
+        raise ConfigError("CORS credentials cannot be allowed for every origin ('*'): list the origins")
     if any(not t or t != t.strip() for t in config.tokens):
         raise ConfigError("tokens must be non-empty and without spaces around them")
     if any(not m or m != m.strip() for m in config.models):

@@ -144,6 +144,9 @@ def error_response(error: RelayError) -> web.Response:
     response = web.json_response(body, status=error.http_status)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    if error.http_status == 401:
+        # RFC 9110 §11.6.1: a 401 names the scheme it wants (RFC 6750 §3 for Bearer).
+        response.headers["WWW-Authenticate"] = 'Bearer realm="thinkstream"'
     return response
 
 
