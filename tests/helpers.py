@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -166,8 +167,27 @@ async def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[a
     assert process.stderr is not None
     log = b""
     async with asyncio.timeout(20):
-        while f"http://127.0.0.1:{port}".encode() not in log:
+        while f":{port}/ (Ctrl+C".encode() not in log:
             line = await process.stderr.readline()
             assert line, f"server exited early: {log.decode()}"
             log += line
     return process, port, log
+
+
+async def stop_server(process: asyncio.subprocess.Process, sig: int = signal.SIGINT) -> tuple[int, bytes]:
+    """Signal the server; return its exit status and the rest of its log."""
+    assert process.stderr is not None
+    process.send_signal(sig)
+    async with asyncio.timeout(20):
+        rest = await process.stderr.read()
+        code = await process.wait()
+    return code, rest
+
+
+async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, for things the relay does in its own time; fail saying ``what``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not condition():
+        assert loop.time() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(0.01)

@@ -8,7 +8,6 @@ of the request: the fake provider's ``requests`` list is the witness.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -21,7 +20,7 @@ import orjson
 import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import FakeProvider, RelayFactory, Reply, collect, parse_sse, transcript, types
+from helpers import FakeProvider, RelayFactory, Reply, collect, eventually, parse_sse, transcript, types
 
 Client = TestClient[web.Request, web.Application]
 
@@ -63,15 +62,6 @@ async def first_event(response: ClientResponse) -> dict[str, Any]:
     block = await response.content.readuntil(b"\n\n")
     (event,) = parse_sse(block)
     return event.data
-
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
-    """Wait until ``condition()`` holds (the provider hears of a stream in the relay's own time)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

@@ -22,7 +22,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
-from helpers import Received, RelayFactory, collect, text_of, types
+from helpers import Received, RelayFactory, collect, eventually, text_of, types
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -281,15 +281,6 @@ async def read_rest(response: ClientResponse) -> list[Received]:
     async with asyncio.timeout(5):
         body = await response.read()
     return [received(e) for e in decoder.feed(body) + decoder.close()]
-
-
-async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
-    """Wait until ``condition()`` holds; fail saying ``what`` did not happen."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while not condition():
-        assert loop.time() < deadline, f"not within {within} s: {what}"
-        await asyncio.sleep(0.01)
 
 
 async def wait_for_hang_up(upstream: ScriptedProvider, within: float = 5.0) -> float:

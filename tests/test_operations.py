@@ -35,6 +35,7 @@ from helpers import (
     free_port,
     parse_sse,
     start_server,
+    stop_server,
     text_of,
     transcript,
     types,
@@ -832,35 +833,11 @@ async def test_readyz_is_not_ready_while_draining(relay: RelayFactory) -> None:
 
 
 async def start_up_log(*args: str) -> bytes:
-    """Start ``server.py`` with ``args``, read its log until it listens, stop it with SIGINT; the whole log.
-
-    (helpers.start_server waits for ``http://127.0.0.1:<port>``, which a server on 0.0.0.0 never prints.)
-    """
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "server.py",
-        "--port",
-        str(free_port()),
-        *args,
-        cwd=ROOT,
-        env=clean_env(),
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log = b""
-    try:
-        async with asyncio.timeout(PATIENCE):
-            while b"Running on" not in log:
-                line = await process.stderr.readline()
-                assert line, f"server exited early: {log.decode()}"
-                log += line
-    finally:
-        process.send_signal(signal.SIGINT)
-        async with asyncio.timeout(PATIENCE):
-            log += await process.stderr.read()
-            await process.wait()
-    assert process.returncode == 0, log.decode()
-    return log
+    """Start ``server.py`` with ``args``, stop it with SIGINT once it listens; its whole log."""
+    process, _, log = await start_server(*args)
+    code, rest = await stop_server(process)
+    assert code == 0, (log + rest).decode()
+    return log + rest
 
 
 OPEN_WARNING = b"without access tokens"

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 
 import aiohttp
-from helpers import ROOT, clean_env, parse_sse, start_server
+from helpers import ROOT, clean_env, parse_sse, start_server, stop_server
 
 
 async def test_server_py_serves_the_page_and_the_demo_then_stops_on_sigint() -> None:
@@ -24,10 +23,7 @@ async def test_server_py_serves_the_page_and_the_demo_then_stops_on_sigint() -> 
                 events = parse_sse(await response.read())
         assert events[-1].event == "done"
     finally:
-        process.send_signal(signal.SIGINT)
-        async with asyncio.timeout(20):
-            rest = await process.stderr.read()
-            code = await process.wait()
+        code, rest = await stop_server(process)
 
     assert code == 0
     assert b"Traceback" not in rest

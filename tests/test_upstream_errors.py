@@ -9,7 +9,6 @@ one, and the provider's own message when it gave one.
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 from aiohttp.test_utils import TestClient
-from helpers import FakeProvider, Received, RelayFactory, Reply, collect, text_of, transcript, types
+from helpers import FakeProvider, Received, RelayFactory, Reply, collect, free_port, text_of, transcript, types
 
 
 def sse(*data: Any) -> bytes:
@@ -43,14 +42,6 @@ def chunk(*, content: str | None = None, reasoning: str | None = None, finish: s
 
 def openai_error(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-
-def unused_port() -> int:
-    """A port nothing listens on: bound by the OS, then released."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def in_two_reads(first: bytes, rest: bytes) -> Reply:
@@ -79,7 +70,7 @@ def the_error(events: list[Received]) -> dict[str, Any]:
 
 
 async def test_a_refused_connection_is_upstream_unreachable(relay: RelayFactory) -> None:
-    port = unused_port()
+    port = free_port()
     events = await ask(await relay(base_url=f"http://127.0.0.1:{port}/v1", model="m"))
 
     assert types(events) == ["meta", "error"]
