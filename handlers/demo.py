@@ -28,6 +28,8 @@ from .keys import config_key
 __all__ = ["chat_completions", "demo_tokens", "models"]
 
 _TOKEN = re.compile(r"\s*\S+|\s+")
+# The shortest sleep worth taking when pacing tokens (see chat_completions).
+_MIN_SLEEP = 0.002
 
 _CODE = {
     "python": (
@@ -142,9 +144,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     try:
         await response.send(chunk({"role": "assistant", "content": None, "reasoning_content": ""}))
-        for field, token in pieces:
-            if config.demo_delay:
-                await asyncio.sleep(config.demo_delay)
+        loop = asyncio.get_running_loop()
+        start, delay = loop.time(), config.demo_delay
+        for i, (field, token) in enumerate(pieces):
+            # Keep to a schedule, sleeping only when ahead of it by a sleep's worth: a sleep of
+            # under a millisecond takes longer than asked, so per-token sleeps would run slow.
+            ahead = start + (i + 1) * delay - loop.time()
+            if delay and (ahead >= _MIN_SLEEP or (ahead > 0 and delay >= _MIN_SLEEP)):
+                await asyncio.sleep(ahead)
             other = "content" if field == "reasoning_content" else "reasoning_content"
             await response.send(chunk({field: token, other: None}))
         await response.send(chunk({"content": "", "reasoning_content": None}, finish))

@@ -116,20 +116,30 @@ export class Api {
   }
 }
 
+// How long one task may spend on buffered events before letting the page paint.
+const SLICE_MS = 8;
+
 async function readLines(response, onEvent) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
+  let sliceStart = performance.now();
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
     buffer += decoder.decode(value, { stream: true });
+    let start = 0;
     let newline = buffer.indexOf("\n");
     while (newline !== -1) {
-      const line = buffer.slice(0, newline);
-      buffer = buffer.slice(newline + 1);
-      if (line) onEvent(JSON.parse(line));
-      newline = buffer.indexOf("\n");
+      if (newline > start) onEvent(JSON.parse(buffer.slice(start, newline)));
+      start = newline + 1;
+      newline = buffer.indexOf("\n", start);
+    }
+    buffer = buffer.slice(start);
+    // A backlog makes every read() resolve at once, in one long task: break it up.
+    if (performance.now() - sliceStart > SLICE_MS) {
+      await sleep(0);
+      sliceStart = performance.now();
     }
   }
 }

@@ -1,6 +1,7 @@
 // The chat page: conversations, settings, sending, stopping, regenerating.
 
 import { Api, ApiError } from "./api.js";
+import { warmUp } from "./markdown.js";
 import { newChat, store } from "./store.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
 
@@ -117,12 +118,30 @@ function renderChat() {
 
 function send(text) {
   if (!text.trim() || running) return;
-  current.messages.push({ role: "user", content: text });
+  const message = { role: "user", content: text };
+  current.messages.push(message);
   if (current.title === "New chat") current.title = text.trim().slice(0, 60);
   save();
-  renderChat();
+  // Update the page in place: re-rendering a long conversation would stall it.
+  clearStaleActions();
+  ui.empty.hidden = true;
+  ui.title.textContent = current.title;
+  ui.messages.append(userMessage(message, { onEdit: editLast }));
   renderChatList();
   generate();
+}
+
+/** Only the last exchange can be edited, retried or regenerated. */
+function clearStaleActions() {
+  for (const action of ui.messages.querySelectorAll(".action.edit, .action.retry, .action.regenerate")) {
+    action.remove();
+  }
+}
+
+/** Remove the last `count` messages from the page (they were just removed from the chat). */
+function removeLastMessages(count) {
+  const nodes = ui.messages.querySelectorAll("article.message");
+  for (let i = Math.max(0, nodes.length - count); i < nodes.length; i += 1) nodes[i].remove();
 }
 
 function requestBody() {
@@ -147,12 +166,12 @@ function generate() {
   ui.messages.append(view.node);
   const record = { role: "assistant", content: "", reasoning: "" };
   let outcome = {};
+  view.markdown.onFrame = follow;
   const handle = api.stream(requestBody(), (event) => {
     if (event.type === "reasoning") view.reason(event.text);
     else if (event.type === "content") view.say(event.text);
     else if (event.type === "done") outcome = { stats: event };
     else if (event.type === "error") outcome = { error: { code: event.code, message: event.message } };
-    if (event.type === "reasoning" || event.type === "content") follow();
   });
   running = { handle, view, stopped: false };
   setRunning(true);
@@ -168,7 +187,6 @@ function generate() {
       running = null;
       setRunning(false);
       if (stopped) outcome = { ...outcome, stopped: true };
-      view.finish(outcome);
       Object.assign(record, {
         content: view.content,
         reasoning: view.reasoningSoFar,
@@ -178,15 +196,20 @@ function generate() {
       chat.messages.push(record);
       chat.updated = Date.now();
       store.saveChats(chats);
-      if (chat === current) renderChat();
-      announce(outcome.error ? `Error: ${errorWords(outcome.error)}` : "Answer complete.");
+      // The live view becomes the stored message as it is: no re-render.
+      view.finish(outcome, () => {
+        view.markdown.onFrame = null;
+        requestAnimationFrame(follow);
+        announce(outcome.error ? `Error: ${errorWords(outcome.error)}` : "Answer complete.");
+      });
     });
 }
 
 function follow() {
-  // Keep the newest text in view, unless the reader scrolled up to read.
+  // Once per frame, at its start: keep the newest text in view, unless the
+  // reader scrolled up to read.
   const box = ui.messages;
-  if (box.scrollHeight - box.scrollTop - box.clientHeight < 120) box.scrollTop = box.scrollHeight;
+  if (box.scrollHeight - box.scrollTop - box.clientHeight < 160) box.scrollTop = box.scrollHeight;
 }
 
 function setRunning(on) {
@@ -204,20 +227,26 @@ function dropLastAnswer() {
   while (current.messages.length && current.messages.at(-1).role === "assistant") current.messages.pop();
 }
 
+function dropLastAnswerFromPage() {
+  const before = current.messages.length;
+  dropLastAnswer();
+  removeLastMessages(before - current.messages.length);
+}
+
 function regenerate() {
   if (running) return;
-  dropLastAnswer();
+  dropLastAnswerFromPage();
   save();
-  renderChat();
   generate();
 }
 
 function editLast() {
   if (running) return;
-  dropLastAnswer();
+  dropLastAnswerFromPage();
   const question = current.messages.pop();
+  removeLastMessages(1);
   save();
-  renderChat();
+  ui.empty.hidden = current.messages.length > 0;
   ui.prompt.value = question ? question.content : "";
   ui.prompt.focus();
 }
@@ -247,8 +276,14 @@ async function loadModels() {
 }
 
 function openSettings() {
+  if (settings.model && ![...ui.model.options].some((option) => option.value === settings.model)) {
+    // The model list has not arrived (or no longer lists it): keep the saved choice rather than lose it on Save.
+    const option = document.createElement("option");
+    option.value = settings.model;
+    option.textContent = settings.model;
+    ui.model.append(option);
+  }
   ui.model.value = settings.model;
-  if (ui.model.value !== settings.model) ui.model.value = "";
   ui.system.value = settings.system;
   ui.temperature.value = settings.temperature ?? "";
   ui.settingsDialog.showModal();
@@ -311,4 +346,5 @@ else {
 renderChat();
 renderChatList();
 loadModels();
+warmUp();
 ui.prompt.focus();

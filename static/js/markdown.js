@@ -1,27 +1,22 @@
-// Live markdown: markdown-it renders, DOMPurify sanitises, highlight.js colours code.
+// Live markdown: markdown-it renders, DOMPurify sanitises, highlight.js colours code
+// (once a code block is finished; the one still being written stays plain).
 //
 // Rendering stays linear in the answer's length: text that ends in a blank line
 // outside a code fence is a finished block, rendered once and never again; each
-// animation frame re-renders only the unfinished tail. Half a table is held back
-// until its delimiter row arrives, so it never flickers through a paragraph.
+// animation frame renders at most a budget of finished blocks and re-renders only
+// the unfinished tail. Half a table is held back until its delimiter row arrives,
+// so it never flickers through a paragraph.
 
 import markdownit from "../vendor/markdown-it-15.0.3.min.js";
 import DOMPurify from "../vendor/purify-3.4.18.es.js";
 import hljs from "../vendor/highlight-11.12.0.min.js";
 
+// No highlight option: code is highlighted after rendering, from a queue, within
+// each frame's budget (see LiveMarkdown), so that a grammar compiled on first use
+// never lands in the same frame as markdown and layout work.
 const md = markdownit({
   html: false, // model HTML is shown as text; DOMPurify still checks everything
   linkify: true,
-  highlight(code, language) {
-    if (language && hljs.getLanguage(language)) {
-      try {
-        return hljs.highlight(code, { language, ignoreIllegals: true }).value;
-      } catch {
-        // Fall back to plain, escaped text.
-      }
-    }
-    return "";
-  },
 });
 
 DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
@@ -39,7 +34,7 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-/** Markdown to a sanitised DocumentFragment, with highlighted code and copy buttons. */
+/** Markdown to a sanitised DocumentFragment, with copy buttons on code blocks. */
 export function renderMarkdown(source) {
   const fragment = DOMPurify.sanitize(md.render(source), { RETURN_DOM_FRAGMENT: true });
   for (const code of fragment.querySelectorAll("pre > code")) {
@@ -55,6 +50,37 @@ export function renderMarkdown(source) {
   return fragment;
 }
 
+/** Colour one rendered code block, if its language is known. */
+function highlight(code) {
+  const language = [...code.classList].find((name) => name.startsWith("language-"))?.slice(9);
+  if (!language || !hljs.getLanguage(language)) return;
+  // highlight.js builds this from the element's text, escaping all of it: only its own spans are markup.
+  code.innerHTML = hljs.highlight(code.textContent, { language, ignoreIllegals: true }).value;
+}
+
+const COMMON_LANGUAGES = ["python", "javascript", "typescript", "bash", "json", "rust", "go", "java", "c", "cpp", "sql"];
+
+/** Compile markdown-it, DOMPurify and common grammars while the page is idle, not mid-answer. */
+export function warmUp() {
+  const idle = window.requestIdleCallback || ((callback) => setTimeout(callback, 50));
+  const sample = "# a\n\n*b* `c` [d](https://e.example) **e**\n\n| f | g |\n|---|---|\n| 1 | 2 |\n\n- h\n- i\n\n1. j\n";
+  // Several runs, so that V8 optimises the hot paths before the first answer needs them.
+  const steps = [
+    ...Array.from({ length: 6 }, () => () => renderMarkdown(sample.repeat(4))),
+    ...COMMON_LANGUAGES.map((language) => () => hljs.highlight("x = 1", { language, ignoreIllegals: true })),
+  ];
+  const next = () => {
+    const step = steps.shift();
+    if (!step) {
+      document.documentElement.dataset.warm = "true"; // for tests that measure a settled page
+      return;
+    }
+    step();
+    idle(next);
+  };
+  idle(next);
+}
+
 export async function copyText(text, button) {
   try {
     await navigator.clipboard.writeText(text);
@@ -68,37 +94,81 @@ export async function copyText(text, button) {
   }
 }
 
+// Characters of finished markdown rendered per animation frame at most, so that
+// a fast stream (or a long answer reopened from history) never blocks the page.
+const FRAME_BUDGET = 1200;
+
 /** A growing markdown document in `container`, updated at most once per frame. */
 export class LiveMarkdown {
   constructor(container) {
     this.container = container;
     this.text = "";
     this.stable = 0; // text[0:stable] is rendered in finished blocks
+    this.boundaries = []; // ends of finished blocks not yet rendered, in order
     this.scan = 0; // where the block scanner resumes
     this.inFence = null; // the open fence ("```" or "~~~…") at `scan`, if any
+    this.final = false;
     this.tail = document.createElement("div");
     this.tail.className = "md-tail";
     container.append(this.tail);
     this.frame = 0;
+    this.onFrame = null; // called at the start of each frame, before it changes the DOM
+    this.onDone = null;
+    this.code = []; // finished code blocks waiting to be highlighted
+    this.shownTail = ""; // the tail text the DOM shows now
   }
 
   append(text) {
     this.text += text;
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+    this.schedule();
   }
 
-  /** The answer is complete: render everything now. */
-  finish() {
-    if (this.frame) cancelAnimationFrame(this.frame);
-    this.frame = 0;
-    this.commit(this.text.length);
-    this.tail.replaceChildren();
+  /** The answer is complete: render the rest, a frame's budget at a time, then call `onDone`. */
+  finish(onDone) {
+    this.final = true;
+    this.onDone = onDone;
+    this.schedule();
+  }
+
+  schedule() {
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
   }
 
   render() {
     this.frame = 0;
-    this.commit(this.finishedUpTo());
-    this.tail.replaceChildren(renderMarkdown(withoutHalfTable(this.text.slice(this.stable))));
+    // Before any change to the DOM, while layout is still clean from the last paint:
+    // reading it here costs nothing, reading it after the changes would force a layout.
+    if (this.onFrame) this.onFrame();
+    const deadline = performance.now() + 8;
+    while (this.code.length && performance.now() < deadline) highlight(this.code.shift());
+    this.findBoundaries();
+    if (this.final && this.boundaries.at(-1) !== this.text.length) this.boundaries.push(this.text.length);
+    // Commit finished blocks, up to the budget (always at least one block).
+    let end = this.stable;
+    while (this.boundaries.length && (end === this.stable || this.boundaries[0] - this.stable <= FRAME_BUDGET)) {
+      end = this.boundaries.shift();
+    }
+    this.commit(end);
+    if (this.code.length) this.schedule();
+    if (this.boundaries.length) {
+      // More finished text is waiting: the tail (already partly committed) waits for it.
+      this.tail.replaceChildren();
+      this.shownTail = "";
+      this.schedule();
+    } else if (this.final) {
+      this.tail.replaceChildren();
+      this.shownTail = "";
+      if (this.code.length) return;
+      const onDone = this.onDone;
+      this.onDone = null;
+      if (onDone) onDone();
+    } else {
+      const tail = withoutHalfTable(this.text.slice(this.stable));
+      if (tail !== this.shownTail) {
+        this.shownTail = tail;
+        this.tail.replaceChildren(tail ? renderMarkdown(tail) : "");
+      }
+    }
   }
 
   commit(end) {
@@ -106,28 +176,27 @@ export class LiveMarkdown {
     const block = document.createElement("div");
     block.className = "md-block";
     block.append(renderMarkdown(this.text.slice(this.stable, end)));
+    this.code.push(...block.querySelectorAll("pre > code"));
     this.container.insertBefore(block, this.tail);
     this.stable = end;
   }
 
-  /** The end of the last blank line outside a code fence: everything before it is final. */
-  finishedUpTo() {
+  /** Record the end of every blank line outside a code fence: the text before it is final. */
+  findBoundaries() {
     const text = this.text;
-    let boundary = this.stable;
     let start = this.scan;
     for (let end = text.indexOf("\n", start); end !== -1; end = text.indexOf("\n", start)) {
       const line = text.slice(start, end);
       const fence = /^ {0,3}(`{3,}|~{3,})/.exec(line);
       if (this.inFence === null) {
         if (fence) this.inFence = fence[1];
-        else if (line.trim() === "") boundary = end + 1;
+        else if (line.trim() === "") this.boundaries.push(end + 1);
       } else if (fence && fence[1][0] === this.inFence[0] && fence[1].length >= this.inFence.length && line.trim() === fence[1]) {
         this.inFence = null;
       }
       start = end + 1;
     }
     this.scan = start;
-    return boundary;
   }
 }
 

@@ -36,8 +36,8 @@ function element(tag, className, text) {
   return node;
 }
 
-function button(label, onClick, className = "action") {
-  const node = element("button", className, label);
+function button(label, onClick, kind) {
+  const node = element("button", `action ${kind}`, label);
   node.type = "button";
   node.addEventListener("click", onClick);
   return node;
@@ -49,7 +49,7 @@ export function userMessage(message, { onEdit } = {}) {
   node.append(element("div", "bubble", message.content));
   if (onEdit) {
     const actions = element("div", "actions");
-    actions.append(button("Edit", onEdit));
+    actions.append(button("Edit", onEdit, "edit"));
     node.append(actions);
   }
   return node;
@@ -97,6 +97,7 @@ export class AssistantMessage {
     if (!this.frame) {
       this.frame = requestAnimationFrame(() => {
         this.frame = 0;
+        if (this.markdown.onFrame) this.markdown.onFrame(); // before the change, as LiveMarkdown does
         this.reasoningText.appendData(this.pendingReasoning);
         this.pendingReasoning = "";
       });
@@ -123,23 +124,25 @@ export class AssistantMessage {
     this.thinking.open = false;
   }
 
-  /** Flush what is pending and show the outcome. */
-  finish({ stats, error, stopped } = {}) {
+  /** Flush what is pending; once the answer is fully rendered, show the outcome and call `onShown`. */
+  finish({ stats, error, stopped } = {}, onShown) {
     if (this.frame) cancelAnimationFrame(this.frame);
     this.frame = 0;
     this.reasoningText.appendData(this.pendingReasoning);
     this.pendingReasoning = "";
     if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
-    this.markdown.finish();
-    this.node.setAttribute("aria-busy", "false");
-    if (stats) this.stats.textContent = describeStats(stats);
-    if (stopped) this.showStatus("Stopped.");
-    if (error) {
-      this.showStatus(errorWords(error), true);
-      if (this.onRetry) this.actions.append(button("Retry", this.onRetry));
-    }
-    if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget)));
-    if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate));
+    this.markdown.finish(() => {
+      this.node.setAttribute("aria-busy", "false");
+      if (stats) this.stats.textContent = describeStats(stats);
+      if (stopped) this.showStatus("Stopped.");
+      if (error) {
+        this.showStatus(errorWords(error), true);
+        if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
+      }
+      if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget), "copy"));
+      if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate, "regenerate"));
+      if (onShown) onShown();
+    });
   }
 
   showStatus(text, isError = false) {
