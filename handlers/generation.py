@@ -121,6 +121,24 @@ class Generation:
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
 
+    def reader_joined(self) -> None:
+        """A connection follows this stream: it is no longer abandoned."""
+        self.readers += 1
+        if self._abandon is not None:
+            self._abandon.cancel()
+            self._abandon = None
+
+    def reader_left(self, grace: float) -> None:
+        """A connection stopped following; after the last one, stop after ``grace`` seconds."""
+        self.readers -= 1
+        if self.readers or not self.running:
+            return
+        reason = cancelled("every client disconnected")
+        if grace == 0:
+            self.stop(reason)
+        else:
+            self._abandon = asyncio.get_running_loop().call_later(grace, self.stop, reason)
+
     def stop(self, reason: RelayError) -> bool:
         """Cancel the upstream request; the log ends with ``reason``. False if already over."""
         if not self.running:
@@ -314,27 +332,15 @@ class Streams:
         self._readers.add(reader)
         generation = self._generations.get(stream_id)
         if generation is not None:
-            generation.readers += 1
-            if generation._abandon is not None:
-                generation._abandon.cancel()
-                generation._abandon = None
+            generation.reader_joined()
         return reader
 
     def detach(self, reader: Reader) -> None:
         """A connection stops following; the last one to leave starts the grace time."""
         self._readers.discard(reader)
         generation = self._generations.get(reader.stream_id)
-        if generation is None:
-            return
-        generation.readers -= 1
-        if generation.readers == 0 and generation.running:
-            reason = cancelled("every client disconnected")
-            grace = self.config.disconnect_grace
-            if grace == 0:
-                generation.stop(reason)
-            else:
-                loop = asyncio.get_running_loop()
-                generation._abandon = loop.call_later(grace, generation.stop, reason)
+        if generation is not None:
+            generation.reader_left(self.config.disconnect_grace)
 
     async def cancel(self, stream_id: str) -> bool:
         """Stop a running generation and wait until its upstream request is closed."""
