@@ -664,6 +664,92 @@ async def test_escape_stops_a_streaming_answer(serve: Serve, slow: tuple[SlowPro
         assert tab.problems == []
 
 
+# --- Layout and incomplete markdown ----------------------------------------------------------------
+
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1200, "height": 800}, PHONE], ids=["desktop", "phone"])
+async def test_the_message_box_stays_on_screen_below_a_long_answer(
+    serve: Serve, browser: Any, viewport: dict[str, int]
+) -> None:
+    server = await serve(demo_tokens=600)
+    async with opened(browser, str(server.make_url("/")), viewport=viewport) as tab:
+        page = tab.page
+        await ask(page, "A long one")
+        await answered(page)
+
+        box = await page.locator("#prompt").bounding_box()
+        assert box is not None
+        assert box["y"] >= 0 and box["y"] + box["height"] <= viewport["height"], "the composer scrolled away"
+        assert await page.evaluate("() => document.scrollingElement.scrollHeight <= innerHeight + 1")
+        assert tab.problems == []
+
+
+async def test_on_a_phone_the_chat_list_opens_and_closes(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/")), viewport=PHONE) as tab:
+        page = tab.page
+        toggle = page.locator("#toggle-sidebar")
+        await toggle.click()
+        assert await toggle.get_attribute("aria-expanded") == "true"
+        await page.keyboard.press("Escape")
+        assert await toggle.get_attribute("aria-expanded") == "false"
+        await toggle.click()
+        await page.mouse.click(PHONE["width"] - 20, PHONE["height"] // 2)
+        assert await toggle.get_attribute("aria-expanded") == "false"
+        assert tab.problems == []
+
+
+# Each step is the answer so far; none may show a table's pipes as a paragraph or lose text.
+GROWING_TABLE = ["Before.\n\n| a | b", "Before.\n\n| a | b |\n|--", "Before.\n\n| a | b |\n|---|---|\n| 1 | 2 |"]
+
+
+async def test_half_a_table_is_held_back_until_its_delimiter_row_arrives(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        shown = await tab.page.evaluate(
+            """async (steps) => {
+                const { LiveMarkdown } = await import("./static/js/markdown.js");
+                const box = document.createElement("div");
+                document.body.append(box);
+                const live = new LiveMarkdown(box);
+                const seen = [];
+                let sent = "";
+                for (const step of steps) {
+                    live.append(step.slice(sent.length));
+                    sent = step;
+                    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+                    seen.push({ text: box.textContent, tables: box.querySelectorAll("table").length });
+                }
+                return seen;
+            }""",
+            GROWING_TABLE,
+        )
+
+    assert [step["tables"] for step in shown] == [0, 0, 1]
+    assert all("|" not in step["text"] for step in shown), shown
+    assert all(step["text"].startswith("Before.") for step in shown)
+
+
+async def test_an_open_code_fence_renders_as_code_while_it_streams(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        shown = await tab.page.evaluate(
+            """async () => {
+                const { LiveMarkdown } = await import("./static/js/markdown.js");
+                const box = document.createElement("div");
+                document.body.append(box);
+                const live = new LiveMarkdown(box);
+                live.append("Code:\\n\\n```python\\ndef f():\\n\\n    return 1\\n");
+                await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+                return { code: box.querySelector("pre code")?.textContent, fences: box.textContent.includes("```") };
+            }"""
+        )
+
+    assert shown == {"code": "def f():\n\n    return 1\n", "fences": False}
+
+
 # --- The README's picture ------------------------------------------------------------------------
 
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
@@ -678,6 +764,8 @@ async def test_screenshot_for_the_readme(serve: Serve, browser: Any) -> None:
         page = tab.page
         await ask(page, "How should a relay stream a reasoning model's answer to a browser?")
         await answered(page)
+        # From the question down: the thinking panel, the answer and the message box.
+        await page.evaluate("() => { document.getElementById('messages').scrollTop = 0; }")
         Path(SCREENSHOT).parent.mkdir(exist_ok=True)
         await page.screenshot(path=str(SCREENSHOT))
         assert tab.problems == []

@@ -74,8 +74,7 @@ function openChat(chat) {
   current = chat;
   renderChat();
   renderChatList();
-  ui.sidebar.classList.remove("open");
-  ui.toggleSidebar.setAttribute("aria-expanded", "false");
+  showSidebar(false);
   ui.prompt.focus();
 }
 
@@ -328,14 +327,21 @@ ui.prompt.addEventListener("keydown", (event) => {
   }
 });
 document.addEventListener("keydown", (event) => {
-  if (event.key === "Escape" && running && !ui.settingsDialog.open && !ui.tokenDialog.open) stop();
+  if (event.key !== "Escape" || ui.settingsDialog.open || ui.tokenDialog.open) return;
+  if (ui.sidebar.classList.contains("open")) showSidebar(false);
+  else if (running) stop();
 });
 ui.stop.addEventListener("click", stop);
 $("new-chat").addEventListener("click", startNewChat);
 $("open-settings").addEventListener("click", openSettings);
-ui.toggleSidebar.addEventListener("click", () => {
-  const open = ui.sidebar.classList.toggle("open");
+function showSidebar(open) {
+  ui.sidebar.classList.toggle("open", open);
   ui.toggleSidebar.setAttribute("aria-expanded", String(open));
+}
+ui.toggleSidebar.addEventListener("click", () => showSidebar(!ui.sidebar.classList.contains("open")));
+// On a phone the list covers the page: a tap beside it or Escape closes it.
+document.querySelector(".main").addEventListener("click", (event) => {
+  if (ui.sidebar.classList.contains("open") && event.target !== ui.toggleSidebar) showSidebar(false);
 });
 
 if (chats.length) current = chats.reduce((a, b) => (a.updated > b.updated ? a : b));
