@@ -77,6 +77,26 @@ class FakeProvider:
 RelayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
 
 
+def sse(*data: Any) -> bytes:
+    """A provider stream: each item is one ``data:`` event (objects as JSON, strings as they are)."""
+    return b"".join(b"data: " + (d.encode() if isinstance(d, str) else orjson.dumps(d)) + b"\n\n" for d in data)
+
+
+def chunk(*, content: str | None = None, reasoning: str | None = None, finish: str | None = None) -> dict[str, Any]:
+    """One OpenAI-style ``chat.completion.chunk``."""
+    delta: dict[str, Any] = {}
+    if reasoning is not None:
+        delta["reasoning_content"] = reasoning
+    if content is not None:
+        delta["content"] = content
+    return {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+
+
 def _split(body: bytes, sizes: Sequence[int]) -> list[bytes]:
     pieces, start = [], 0
     for size in sizes:

@@ -22,7 +22,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
-from helpers import Received, RelayFactory, collect, eventually, text_of, types
+from helpers import Received, RelayFactory, chunk, collect, eventually, sse, text_of, types
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -34,22 +34,6 @@ Client = TestClient[web.Request, web.Application]
 
 # Long enough never to end by itself in a test; the relay hangs up or the test releases it first.
 FOREVER = 20.0
-
-
-def sse(*data: Any) -> bytes:
-    """A provider stream: each item is one ``data:`` event (objects as JSON, strings as they are)."""
-    return b"".join(b"data: " + (d.encode() if isinstance(d, str) else orjson.dumps(d)) + b"\n\n" for d in data)
-
-
-def chunk(*, content: str | None = None, finish: str | None = None) -> dict[str, Any]:
-    """One OpenAI-style ``chat.completion.chunk``."""
-    delta = {} if content is None else {"content": content}
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "model": "m",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
 
 
 class Call:

@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from helpers import ROOT, FakeProvider, Reply
+from helpers import ROOT, FakeProvider, Reply, chunk, sse
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -61,22 +60,6 @@ async def fake(serve: Serve) -> FakeProvider:
     server = await serve(app)
     provider.base_url = str(server.make_url("/v1"))
     return provider
-
-
-def sse(*data: Any) -> bytes:
-    """A provider stream: each item is one ``data:`` event (objects as JSON, strings as they are)."""
-    return b"".join(b"data: " + (d.encode() if isinstance(d, str) else orjson.dumps(d)) + b"\n\n" for d in data)
-
-
-def chunk(*, content: str | None = None, finish: str | None = None) -> dict[str, Any]:
-    """One OpenAI-style ``chat.completion.chunk``."""
-    delta = {} if content is None else {"content": content}
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "model": "m",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
 
 
 def answer(*pieces: str) -> Reply:

@@ -17,27 +17,19 @@ import pytest
 from aiohttp import web
 from aiohttp.pytest_plugin import AiohttpServer
 from aiohttp.test_utils import TestClient
-from helpers import FakeProvider, Received, RelayFactory, Reply, collect, free_port, text_of, transcript, types
-
-
-def sse(*data: Any) -> bytes:
-    """A provider stream: each item is one ``data:`` event (objects as JSON, strings as they are)."""
-    return b"".join(b"data: " + (d.encode() if isinstance(d, str) else orjson.dumps(d)) + b"\n\n" for d in data)
-
-
-def chunk(*, content: str | None = None, reasoning: str | None = None, finish: str | None = None) -> dict[str, Any]:
-    """One OpenAI-style ``chat.completion.chunk``."""
-    delta: dict[str, Any] = {}
-    if reasoning is not None:
-        delta["reasoning_content"] = reasoning
-    if content is not None:
-        delta["content"] = content
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion.chunk",
-        "model": "test-model",
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }
+from helpers import (
+    FakeProvider,
+    Received,
+    RelayFactory,
+    Reply,
+    chunk,
+    collect,
+    free_port,
+    sse,
+    text_of,
+    transcript,
+    types,
+)
 
 
 def openai_error(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
