@@ -8,6 +8,7 @@ N=${1:-1000}
 OUT=${2:-/tmp/relay.prof}
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+SPY_BIN=${PY_SPY:-$(dirname "$PY")/py-spy}
 $PY -m bench.mock_upstream --port 18601 >/dev/null 2>&1 &
 MOCK=$!
 $PY server.py --port 18602 --base-url http://127.0.0.1:18601/v1 --model bench --rate-limit 1000000/minute \
@@ -15,7 +16,7 @@ $PY server.py --port 18602 --base-url http://127.0.0.1:18601/v1 --model bench --
 RELAY=$!
 trap 'kill $RELAY $MOCK 2>/dev/null || true' EXIT
 sleep 1.5
-$PY -m py_spy record -p "$RELAY" -r 200 -f raw -o "$OUT" -d 9 >/dev/null 2>&1 &
+"$SPY_BIN" record -p "$RELAY" -r 200 -f raw -o "$OUT" -d 9 >/dev/null 2>&1 &
 SPY=$!
 $PY -m bench.loadgen --mode relay --url http://127.0.0.1:18602 --streams "$N" --pace 0.1 --deadline 30 >/dev/null
 wait $SPY
