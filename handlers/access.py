@@ -40,10 +40,6 @@ class Access:
         self._storage = MemoryStorage()
         self._limiter = SlidingWindowCounterRateLimiter(self._storage)
 
-    @property
-    def requires_token(self) -> bool:
-        return bool(self._tokens)
-
     def client(self, request: web.BaseRequest) -> str:
         """Authenticate ``request`` (401 if it must and cannot) and name its client."""
         if not self._tokens:

@@ -27,7 +27,7 @@ from aiohttp import web
 
 from .chat_request import ChatRequest
 from .config import Config
-from .errors import RelayError, UpstreamError
+from .errors import ClientGone, RelayError, UpstreamError
 from .metrics import Metrics
 from .stream_log import Entry, StreamLog, StreamStore
 from .upstream import Upstream, stream_chat
@@ -81,8 +81,8 @@ class Reader:
     async def follow(self, log: StreamLog, after: int) -> AsyncGenerator[list[Entry], None]:
         """Yield the log's events after ``after`` in batches until it finishes.
 
-        Stops early, by raising :class:`ConnectionResetError`, if the client
-        goes away while waiting.
+        Stops early, by raising :class:`ClientGone`, if the client goes away
+        while waiting.
         """
         log.subscribe(self.wake)
         try:
@@ -96,7 +96,7 @@ class Reader:
                 if finished:
                     return
                 if self.gone:
-                    raise ConnectionResetError("the client went away")
+                    raise ClientGone()
                 await self._wakeup.wait()
         finally:
             log.unsubscribe(self.wake)

@@ -43,6 +43,8 @@ class Metrics:
             registry=registry,
         )
         self.events = Counter("thinkstream_events", "Events relayed, by type.", ["type"], registry=registry)
+        # labels() looks its child up under a lock: once per event type, not once per batch.
+        self._event_counters: dict[str, Counter] = {}
         self.tokens = Counter(
             "thinkstream_tokens", "Tokens the provider reported, by kind.", ["kind"], registry=registry
         )
@@ -59,7 +61,10 @@ class Metrics:
 
     def count_events(self, counts: Mapping[str, int]) -> None:
         for kind, n in counts.items():
-            self.events.labels(kind).inc(n)
+            counter = self._event_counters.get(kind)
+            if counter is None:
+                counter = self._event_counters[kind] = self.events.labels(kind)
+            counter.inc(n)
 
     def stream_ended(
         self,

@@ -47,8 +47,8 @@ async def start_stream(request: web.Request) -> web.StreamResponse:
     if not streams.accepting:
         raise server_shutdown()
     upstream = _upstream(request, config)
-    client = request.get(client_key) or request.remote or "unknown"
-    generation = streams.start(request.config_dict[client_session_key], upstream, chat, client)
+    # The access middleware names the client of every API request (token, or address via trusted proxies).
+    generation = streams.start(request.config_dict[client_session_key], upstream, chat, request[client_key])
     return await _follow(request, streams, generation.log, 0, ndjson)
 
 
@@ -119,7 +119,7 @@ async def _follow(
         async with contextlib.aclosing(reader.follow(log, after)) as batches:
             async for entries in batches:
                 await sink.send_entries(entries)
-    except (ClientGone, ConnectionResetError):
+    except ClientGone:
         pass
     except LogGap:
         # This reader fell further behind than the stream's buffer reaches.

@@ -113,10 +113,6 @@ class MemoryStreamLog(StreamLog):
         """Bytes this log accounts for."""
         return self._size
 
-    @property
-    def finished(self) -> bool:
-        return self._finished
-
     async def append(self, events: Iterable[tuple[str, str]]) -> None:
         added = 0
         for kind, data in events:
