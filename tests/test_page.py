@@ -647,6 +647,64 @@ async def test_escape_stops_a_streaming_answer(serve: Serve, slow: tuple[SlowPro
         assert tab.problems == []
 
 
+# --- Copying, announcing, themes -------------------------------------------------------------------
+
+CLIPBOARD = {"permissions": ["clipboard-read", "clipboard-write"]}
+
+
+async def test_copy_puts_the_answers_markdown_and_a_code_blocks_text_on_the_clipboard(
+    serve: Serve, browser: Any
+) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/")), **CLIPBOARD) as tab:
+        page = tab.page
+        await ask(page, "Copy me")
+        await answered(page)
+
+        await page.click("#messages article.assistant .actions .copy")
+        answer = await page.evaluate("() => navigator.clipboard.readText()")
+        await page.click("#messages article.assistant pre .copy-code")
+        code = await page.evaluate("() => navigator.clipboard.readText()")
+
+        assert answer == demo_answer("Copy me")[1], "the whole answer, as markdown"
+        assert code == await page.locator("#messages article.assistant pre code").text_content()
+        assert code.strip() and "```" not in code
+        assert tab.problems == []
+
+
+async def test_a_finished_answer_is_announced_to_screen_readers(serve: Serve, browser: Any, fake: FakeProvider) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        log = page.locator("#messages")
+        assert (await log.get_attribute("role"), await log.get_attribute("aria-live")) == ("log", "polite")
+
+        fake.reply = answer("Fine.")
+        await ask(page, "Hello")
+        await answered(page)
+        await page.wait_for_function("() => document.getElementById('announcer').textContent !== ''")
+        assert await page.locator("#announcer").text_content() == "Answer complete."
+
+        fake.reply = Reply.error(429, {"error": {"message": "slow down", "type": "rate_limit"}})
+        await ask(page, "Again")
+        await answered(page, 2)
+        await page.wait_for_function("() => document.getElementById('announcer').textContent.startsWith('Error')")
+        assert "rate limiting" in (await page.locator("#announcer").text_content() or "")
+
+
+async def test_the_page_follows_the_systems_light_or_dark_theme(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        async with opened(browser, str(server.make_url("/")), color_scheme=scheme) as tab:
+            backgrounds[scheme] = await tab.page.evaluate(
+                "() => getComputedStyle(document.body).backgroundColor.match(/\\d+/g).slice(0, 3).map(Number)"
+            )
+
+    assert sum(backgrounds["light"]) > 600, backgrounds
+    assert sum(backgrounds["dark"]) < 150, backgrounds
+
+
 # --- Layout and incomplete markdown ----------------------------------------------------------------
 
 PHONE = {"width": 390, "height": 844}
@@ -684,6 +742,16 @@ async def test_on_a_phone_the_chat_list_opens_and_closes(serve: Serve, browser: 
         assert tab.problems == []
 
 
+# A LiveMarkdown in a fresh box of the page, and a wait until it has rendered.
+LIVE_MARKDOWN = """async (argument) => {
+    const { LiveMarkdown } = await import("./static/js/markdown.js");
+    const box = document.createElement("div");
+    document.body.append(box);
+    const live = new LiveMarkdown(box);
+    const twoFrames = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+"""
+
+
 # Each step is the answer so far; none may show a table's pipes as a paragraph or lose text.
 GROWING_TABLE = ["Before.\n\n| a | b", "Before.\n\n| a | b |\n|--", "Before.\n\n| a | b |\n|---|---|\n| 1 | 2 |"]
 
@@ -692,17 +760,14 @@ async def test_half_a_table_is_held_back_until_its_delimiter_row_arrives(serve: 
     server = await serve()
     async with opened(browser, str(server.make_url("/"))) as tab:
         shown = await tab.page.evaluate(
-            """async (steps) => {
-                const { LiveMarkdown } = await import("./static/js/markdown.js");
-                const box = document.createElement("div");
-                document.body.append(box);
-                const live = new LiveMarkdown(box);
+            LIVE_MARKDOWN
+            + """
                 const seen = [];
                 let sent = "";
-                for (const step of steps) {
+                for (const step of argument) {
                     live.append(step.slice(sent.length));
                     sent = step;
-                    await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+                    await twoFrames();
                     seen.push({ text: box.textContent, tables: box.querySelectorAll("table").length });
                 }
                 return seen;
@@ -719,13 +784,10 @@ async def test_an_open_code_fence_renders_as_code_while_it_streams(serve: Serve,
     server = await serve()
     async with opened(browser, str(server.make_url("/"))) as tab:
         shown = await tab.page.evaluate(
-            """async () => {
-                const { LiveMarkdown } = await import("./static/js/markdown.js");
-                const box = document.createElement("div");
-                document.body.append(box);
-                const live = new LiveMarkdown(box);
+            LIVE_MARKDOWN
+            + """
                 live.append("Code:\\n\\n```python\\ndef f():\\n\\n    return 1\\n");
-                await new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
+                await twoFrames();
                 return { code: box.querySelector("pre code")?.textContent, fences: box.textContent.includes("```") };
             }"""
         )
