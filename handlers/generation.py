@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
@@ -29,7 +28,8 @@ from .chat_request import ChatRequest
 from .config import Config
 from .errors import ClientGone, RelayError, UpstreamError
 from .metrics import Metrics
-from .stream_log import Entry, StreamLog, StreamStore
+from .sinks import EventSink
+from .stream_log import StreamLog, StreamStore
 from .upstream import Upstream, stream_chat
 
 __all__ = ["Generation", "Reader", "Streams", "cancelled", "server_shutdown"]
@@ -60,14 +60,16 @@ def encode(event: dict[str, Any]) -> tuple[str, str]:
 
 
 class Reader:
-    """One connection following a stream's log."""
+    """One connection following a stream's log, writing to its sink."""
 
-    __slots__ = ("_request", "_wakeup", "stream_id")
+    __slots__ = ("_request", "_waiter", "sink", "stream_id")
 
-    def __init__(self, stream_id: str, request: web.BaseRequest) -> None:
+    def __init__(self, stream_id: str, request: web.BaseRequest, sink: EventSink) -> None:
         self.stream_id = stream_id
+        self.sink = sink
         self._request = request
-        self._wakeup = asyncio.Event()
+        # Resolved by wake(); a bare future costs less per event than an asyncio.Event.
+        self._waiter: asyncio.Future[None] | None = None
 
     @property
     def gone(self) -> bool:
@@ -76,29 +78,36 @@ class Reader:
         return transport is None or transport.is_closing()
 
     def wake(self) -> None:
-        self._wakeup.set()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
-    async def follow(self, log: StreamLog, after: int) -> AsyncGenerator[list[Entry], None]:
-        """Yield the log's events after ``after`` in batches until it finishes.
+    async def follow(self, log: StreamLog, after: int) -> None:
+        """Send the log's events after ``after`` to the sink, a batch at a time, until it finishes.
 
-        Stops early, by raising :class:`ClientGone`, if the client goes away
-        while waiting.
+        Stops early, by raising :class:`ClientGone`, if the client goes away.
         """
+        loop = asyncio.get_running_loop()
+        send = self.sink.send_entries
         log.subscribe(self.wake)
         try:
             while True:
-                self._wakeup.clear()
+                # Armed before reading, so that an append during the read is not missed.
+                waiter = self._waiter
+                if waiter is None or waiter.done():
+                    waiter = self._waiter = loop.create_future()
                 entries, finished = await log.read(after)
                 if entries:
-                    yield entries
+                    await send(entries)
                     after = entries[-1].seq
                     continue
                 if finished:
                     return
                 if self.gone:
                     raise ClientGone()
-                await self._wakeup.wait()
+                await waiter
         finally:
+            self._waiter = None
             log.unsubscribe(self.wake)
 
 
@@ -326,9 +335,9 @@ class Streams:
                 del self._per_client[generation.client]
             self._expire_later(generation.id)
 
-    def attach(self, stream_id: str, request: web.BaseRequest) -> Reader:
-        """A connection starts following ``stream_id``."""
-        reader = Reader(stream_id, request)
+    def attach(self, stream_id: str, request: web.BaseRequest, sink: EventSink) -> Reader:
+        """A connection starts following ``stream_id``, writing to ``sink``."""
+        reader = Reader(stream_id, request, sink)
         self._readers.add(reader)
         generation = self._generations.get(stream_id)
         if generation is not None:
@@ -361,11 +370,17 @@ class Streams:
         self.store.discard(stream_id)
 
     async def watch(self) -> None:
-        """Wake readers whose client has gone, so they leave within about a second."""
+        """Wake readers whose client has gone, and drop those stalled on a write, within about a second."""
+        loop = asyncio.get_running_loop()
+        stall_timeout = self.config.stall_timeout
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
+            now = loop.time()
             for reader in self._readers:
-                if reader.gone:
+                if reader.sink.stalled(now, stall_timeout):
+                    # The blocked write then fails, and the reader leaves as for any gone client.
+                    reader.sink.abort()
+                elif reader.gone:
                     reader.wake()
 
     async def drain(self) -> None:

@@ -1,17 +1,23 @@
 """Where a connection's events go: Server-Sent Events or NDJSON.
 
 Both write the same event objects, taken from the stream's log already
-encoded. SSE goes out only through aiohttp-sse; the ``id`` of each event is
-``<stream-id>:<seq>``, and the event with ``seq`` 1 carries ``retry:``. A
-client that went away, or stopped reading for longer than the stall timeout,
-surfaces as :class:`ClientGone`, whatever the transport said.
+encoded, and every batch of events (what one upstream read brought) goes out
+in one write. SSE responses are aiohttp-sse's: its headers, keep-alive
+comments, TCP user timeout and lifecycle; the ``id`` of each event is
+``<stream-id>:<seq>``, and the event with ``seq`` 1 carries ``retry:``.
+
+A client that went away surfaces as :class:`ClientGone`, whatever the
+transport said. A client that stops reading blocks a write; the sinks carry
+no timer per write for that (it is the hot path): each notes when its pending
+write began, and the streams' watchdog aborts the connection once that is
+longer ago than the stall timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -25,77 +31,92 @@ __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class EventSink(Protocol):
-    @property
-    def response(self) -> web.StreamResponse: ...
+class EventSink:
+    """The writing half both formats share: one write per batch, and stall bookkeeping."""
+
+    def __init__(self, request: web.BaseRequest, response: web.StreamResponse) -> None:
+        self.response = response
+        self._request = request
+        self._loop = asyncio.get_running_loop()
+        # When the write now pending began (loop time), or None when no write is pending.
+        self.write_started: float | None = None
 
     async def send_entries(self, entries: Sequence[Entry]) -> None:
-        """Send events from the log, in order."""
+        """Send events from the log, in order, in one write."""
+        raise NotImplementedError
 
     async def send(self, event: dict[str, Any]) -> None:
         """Send an event that is not in the log (it has no ``id``)."""
+        raise NotImplementedError
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        return None
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """Whether one write has been waiting for the client to read for more than ``limit`` seconds."""
+        started = self.write_started
+        return started is not None and now - started > limit
+
+    def abort(self) -> None:
+        """Drop the connection: a stalled peer never drains its buffer, so a graceful close would hang."""
+        transport = self._request.transport
+        if transport is not None:
+            transport.abort()
+
+    async def _write(self, data: bytes) -> None:
+        self.write_started = self._loop.time()
+        try:
+            await self.response.write(data)
+        except (ConnectionError, RuntimeError) as exc:
+            # RuntimeError: aiohttp refuses writes once the connection is closed.
+            raise ClientGone() from exc
+        finally:
+            self.write_started = None
 
 
-class SSESink:
-    """Events as ``text/event-stream``, written by aiohttp-sse."""
+class SSESink(EventSink):
+    """Events as ``text/event-stream`` on an aiohttp-sse response.
 
-    def __init__(self, response: EventSourceResponse, stream_id: str, retry_ms: int) -> None:
-        self.response = response
-        self._prefix = stream_id + ":"
-        self._retry = retry_ms
+    Log events are framed here and written through the response's ``write``,
+    a batch at a time: aiohttp-sse's ``send`` writes one event per call, each
+    inside its own timeout. Events outside the log go through ``send``.
+    """
+
+    def __init__(self, request: web.BaseRequest, response: EventSourceResponse, stream_id: str, retry_ms: int) -> None:
+        super().__init__(request, response)
+        self._sse = response
+        self._prefix = f"id: {stream_id}:"
+        self._retry = f"retry: {retry_ms}\n"
 
     async def send_entries(self, entries: Sequence[Entry]) -> None:
-        send, prefix = self.response.send, self._prefix
-        try:
-            for entry in entries:
-                retry = self._retry if entry.seq == 1 else None
-                await send(entry.data, id=f"{prefix}{entry.seq}", event=entry.type, retry=retry)
-        except (ConnectionError, TimeoutError) as exc:
-            # aiohttp-sse raises TimeoutError (and aborts) for a client that stopped reading.
-            raise ClientGone() from exc
+        # The fields are safe to write as they are: ids are "<stream-id>:<seq>", types are the
+        # contract's names, and the data is compact JSON, which never holds a CR or LF.
+        prefix = self._prefix
+        frames = [f"{prefix}{entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n" for entry in entries]
+        if entries[0].seq == 1:
+            frames[0] = frames[0][:-1] + self._retry + "\n"
+        await self._write("".join(frames).encode())
 
     async def send(self, event: dict[str, Any]) -> None:
         try:
-            await self.response.send(orjson.dumps(event).decode(), event=event["type"])
+            await self._sse.send(orjson.dumps(event).decode(), event=event["type"])
         except (ConnectionError, TimeoutError) as exc:
             raise ClientGone() from exc
 
     async def close(self) -> None:
         # Stops aiohttp-sse's keep-alive task; aiohttp finishes the body.
-        self.response.stop_streaming()
-        await self.response.wait()
+        self._sse.stop_streaming()
+        await self._sse.wait()
 
 
-class NDJSONSink:
+class NDJSONSink(EventSink):
     """Events as ``application/x-ndjson``: one JSON object per line."""
 
-    def __init__(self, request: web.BaseRequest, response: web.StreamResponse, stall_timeout: float) -> None:
-        self.response = response
-        self._request = request
-        self._stall_timeout = stall_timeout
-
     async def send_entries(self, entries: Sequence[Entry]) -> None:
-        await self._write("".join(f"{entry.data}\n" for entry in entries).encode())
+        await self._write("".join([f"{entry.data}\n" for entry in entries]).encode())
 
     async def send(self, event: dict[str, Any]) -> None:
         await self._write(orjson.dumps(event) + b"\n")
-
-    async def _write(self, data: bytes) -> None:
-        try:
-            async with asyncio.timeout(self._stall_timeout):
-                await self.response.write(data)
-        except TimeoutError as exc:
-            # A stalled peer never drains its buffer, so a graceful close would hang: abort.
-            if self._request.transport is not None:
-                self._request.transport.abort()
-            raise ClientGone() from exc
-        except ConnectionError as exc:
-            raise ClientGone() from exc
-
-    async def close(self) -> None:
-        return None
 
 
 async def open_sink(
@@ -112,7 +133,8 @@ async def open_sink(
         response = web.StreamResponse(headers=_STREAM_HEADERS)
         response.content_type = "application/x-ndjson"
         await response.prepare(request)
-        return NDJSONSink(request, response, stall_timeout)
+        return NDJSONSink(request, response)
+    # send_timeout bounds aiohttp-sse's keep-alive writes and sets the socket's TCP user timeout.
     sse = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
     await sse.prepare(request)
-    return SSESink(sse, stream_id, retry_ms)
+    return SSESink(request, sse, stream_id, retry_ms)

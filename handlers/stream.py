@@ -114,11 +114,9 @@ async def _follow(
         keepalive=config.keepalive,
         stall_timeout=config.stall_timeout,
     )
-    reader = streams.attach(log.stream_id, request)
+    reader = streams.attach(log.stream_id, request, sink)
     try:
-        async with contextlib.aclosing(reader.follow(log, after)) as batches:
-            async for entries in batches:
-                await sink.send_entries(entries)
+        await reader.follow(log, after)
     except ClientGone:
         pass
     except LogGap:

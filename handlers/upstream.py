@@ -65,15 +65,15 @@ async def stream_chat(
 
     ``first_byte_timeout`` bounds the wait from sending the request to the
     first byte of the body; ``idle_timeout`` then bounds each wait for the
-    next bytes (keep-alive comments count). Both run on one deadline, paused
-    while the caller handles a batch. (aiohttp's ``sock_read`` would also cap
-    the wait for the response headers, overriding the first-byte timeout.)
+    next bytes (keep-alive comments count); time the caller spends on a batch
+    does not count. (aiohttp's ``sock_read`` would also cap the wait for the
+    response headers, overriding the first-byte timeout.)
     """
     headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
     if upstream.api_key:
         headers["Authorization"] = f"Bearer {upstream.api_key}"
-    loop = asyncio.get_running_loop()
-    deadline = asyncio.timeout_at(None if first_byte_timeout is None else loop.time() + first_byte_timeout)
+    deadline = asyncio.timeout_at(None)
+    silence = _Silence(deadline, first_byte_timeout)
     received = False
     try:
         async with deadline, session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
@@ -87,22 +87,25 @@ async def stream_chat(
             decoder = SSEDecoder(max_line)
             translator = ChunkTranslator()
             async for chunk in response.content.iter_any():
-                received = True
-                deadline.reschedule(None)
+                if not received:
+                    received = True
+                    silence.expect(idle_timeout)
                 batch = translator.feed(decoder.feed(chunk))
                 if translator.done:
                     batch.append(translator.done_event())
                     yield batch
                     return
                 if batch:
+                    silence.paused = True
                     yield batch
+                    silence.paused = False
                 # Raised only now, so that the events before a failure are relayed first.
                 if translator.error is not None:
                     raise translator.error
                 if decoder.error is not None:
                     raise UpstreamProtocolError(str(decoder.error), code="upstream_line_too_long")
-                if idle_timeout is not None:
-                    deadline.reschedule(loop.time() + idle_timeout)
+                silence.heard()
+            silence.expect(None)
             tail = translator.feed(decoder.close()) + translator.close()
             finished = translator.complete and translator.error is None
             if finished:
@@ -146,6 +149,60 @@ async def stream_chat(
     except aiohttp.ClientError as exc:
         logger.warning("upstream request failed: %r", exc)
         raise UpstreamError(f"the request to the provider failed: {exc}") from None
+    finally:
+        silence.cancel()
+
+
+class _Silence:
+    """Expires ``deadline`` once the provider has sent nothing for ``limit`` seconds.
+
+    A read only notes the time; the timer is re-armed when it fires, not per
+    read, so that a fast stream pays no timer per chunk. While ``paused`` (the
+    caller is handling a batch) silence does not count.
+    """
+
+    __slots__ = ("_deadline", "_handle", "_loop", "heard_at", "limit", "paused")
+
+    def __init__(self, deadline: asyncio.Timeout, limit: float | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._deadline = deadline
+        self._handle: asyncio.TimerHandle | None = None
+        self.limit: float | None = None
+        self.paused = False
+        self.heard_at = 0.0
+        self.expect(limit)
+
+    def expect(self, limit: float | None) -> None:
+        """From now on, allow ``limit`` seconds of silence (None: any)."""
+        self.limit = limit
+        self.heard_at = now = self._loop.time()
+        if limit is None:
+            self.cancel()
+        elif self._handle is None or self._handle.when() > now + limit:
+            self.cancel()
+            self._handle = self._loop.call_at(now + limit, self._check)
+
+    def heard(self) -> None:
+        self.heard_at = self._loop.time()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        limit = self.limit
+        if limit is None:
+            return
+        now = self._loop.time()
+        if self.paused:
+            self.heard_at = now
+        expires = self.heard_at + limit
+        if expires <= now:
+            self._deadline.reschedule(now)
+        else:
+            self._handle = self._loop.call_at(expires, self._check)
 
 
 async def _error_message(response: aiohttp.ClientResponse) -> str:
