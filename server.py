@@ -16,6 +16,7 @@ from aiohttp import web
 
 from handlers.app import create_app
 from handlers.config import Config, ConfigError, load_config
+from handlers.runtime import tune_process
 
 __all__ = ["Config", "app_factory", "create_app", "main"]
 
@@ -41,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("no provider configured: answering with the embedded demo model (set LLM_BASE_URL to change)")
     else:
         logger.info("relaying to %s, model %s", config.base_url, config.default_model)
+    app = create_app(config)
+    tune_process()
     web.run_app(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         # No access log: GET /stream URLs carry the user's prompt.
@@ -58,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def app_factory() -> web.Application:
     """The app configured from the environment, for process managers such as gunicorn:
     ``gunicorn 'server:app_factory' --worker-class aiohttp.GunicornWebWorker``."""
-    return create_app(load_config([], os.environ))
+    app = create_app(load_config([], os.environ))
+    tune_process()
+    return app
 
 
 def _announce(banner: str) -> None:

@@ -99,7 +99,7 @@ class Reader:
                 entries, finished = await log.read(after)
                 if entries:
                     await send(entries)
-                    after = entries[-1].seq
+                    after = entries[-1][0]
                     continue
                 if finished:
                     return

@@ -92,8 +92,8 @@ class SSESink(EventSink):
         # The fields are safe to write as they are: ids are "<stream-id>:<seq>", types are the
         # contract's names, and the data is compact JSON, which never holds a CR or LF.
         prefix = self._prefix
-        frames = [f"{prefix}{entry.seq}\nevent: {entry.type}\ndata: {entry.data}\n\n" for entry in entries]
-        if entries[0].seq == 1:
+        frames = [f"{prefix}{seq}\nevent: {kind}\ndata: {data}\n\n" for seq, kind, data in entries]
+        if entries[0][0] == 1:
             frames[0] = frames[0][:-1] + self._retry + "\n"
         await self._write("".join(frames).encode())
 
@@ -113,7 +113,7 @@ class NDJSONSink(EventSink):
     """Events as ``application/x-ndjson``: one JSON object per line."""
 
     async def send_entries(self, entries: Sequence[Entry]) -> None:
-        await self._write("".join([f"{entry.data}\n" for entry in entries]).encode())
+        await self._write("".join([f"{data}\n" for _, _, data in entries]).encode())
 
     async def send(self, event: dict[str, Any]) -> None:
         await self._write(orjson.dumps(event) + b"\n")

@@ -19,27 +19,23 @@ import logging
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
-__all__ = ["Entry", "LogGap", "MemoryStreamStore", "StreamLog", "StreamStore"]
+__all__ = ["Entry", "LogGap", "MemoryStreamStore", "StreamLog", "StreamStore", "entry_size"]
 
 logger = logging.getLogger(__name__)
 
 # Rough bookkeeping cost of one entry beyond its JSON text.
 _ENTRY_OVERHEAD = 120
 
+# One event in a log: its sequence number (from 1), type and JSON text. A plain
+# tuple of atoms, which the garbage collector stops tracking: thousands of live
+# streams keep hundreds of thousands of them, and every full collection would
+# otherwise walk them all.
+Entry = tuple[int, str, str]
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """One event in a log: its sequence number (from 1), type and JSON text."""
 
-    seq: int
-    type: str
-    data: str
-
-    @property
-    def size(self) -> int:
-        return len(self.data) + _ENTRY_OVERHEAD
+def entry_size(entry: Entry) -> int:
+    return len(entry[2]) + _ENTRY_OVERHEAD
 
 
 class LogGap(Exception):
@@ -117,9 +113,8 @@ class MemoryStreamLog(StreamLog):
         added = 0
         for kind, data in events:
             self._last += 1
-            entry = Entry(self._last, kind, data)
-            self._entries.append(entry)
-            added += entry.size
+            self._entries.append((self._last, kind, data))
+            added += len(data) + _ENTRY_OVERHEAD
         self._size += added
         self._store._grew(self, added)
         self._wake()
@@ -135,9 +130,9 @@ class MemoryStreamLog(StreamLog):
                 raise ValueError(f"stream {self.stream_id} has no event {after} yet")
             return [], self._finished
         entries, head = self._entries, self._head
-        if head == len(entries) or entries[head].seq > after + 1:
+        if head == len(entries) or entries[head][0] > after + 1:
             raise LogGap(f"events after {after} of stream {self.stream_id} are no longer kept")
-        return entries[head + after + 1 - entries[head].seq :], self._finished
+        return entries[head + after + 1 - entries[head][0] :], self._finished
 
     def subscribe(self, wake: Callable[[], None]) -> None:
         self._wakers.add(wake)
@@ -149,7 +144,7 @@ class MemoryStreamLog(StreamLog):
         """Drop the oldest events until at most ``target`` bytes remain; return bytes freed."""
         entries, head, freed = self._entries, self._head, 0
         while head < len(entries) and self._size - freed > target:
-            freed += entries[head].size
+            freed += entry_size(entries[head])
             head += 1
         if head > len(entries) // 2:
             del entries[:head]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handlers.stream_log import Entry, LogGap, MemoryStreamStore
+from handlers.stream_log import LogGap, MemoryStreamStore
 
 KIB = 1024
 
@@ -19,10 +19,10 @@ async def test_events_are_numbered_from_one_and_read_after_any_position() -> Non
     await log.append([event(3)])
 
     everything, finished = await log.read(0)
-    assert [e.seq for e in everything] == [1, 2, 3] and not finished
-    assert [e.seq for e in (await log.read(2))[0]] == [3]
+    assert [e[0] for e in everything] == [1, 2, 3] and not finished
+    assert [e[0] for e in (await log.read(2))[0]] == [3]
     assert (await log.read(3))[0] == []
-    assert everything[0] == Entry(1, "content", event(1)[1])
+    assert everything[0] == (1, "content", event(1)[1])
 
 
 async def test_a_finished_log_says_so_to_readers_at_its_end() -> None:
@@ -68,7 +68,7 @@ async def test_a_long_stream_keeps_only_its_newest_events_within_its_budget() ->
 
     assert largest <= 16 * KIB
     newest, _ = await log.read(4999)
-    assert [e.seq for e in newest] == [5000]
+    assert [e[0] for e in newest] == [5000]
 
 
 async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
@@ -90,7 +90,7 @@ async def test_finished_streams_lose_their_events_first_when_memory_runs_short()
     await live.append([event(i, size=500) for i in range(10)])
 
     assert store.size <= 12 * KIB
-    assert [e.seq for e in (await live.read(0))[0]] == list(range(1, 11))
+    assert [e[0] for e in (await live.read(0))[0]] == list(range(1, 11))
     assert store.get("old") is old, "its record stays, so a resume hears of the gap"
     with pytest.raises(LogGap):
         await old.read(0)
@@ -114,7 +114,7 @@ async def test_running_streams_share_the_total_budget_by_trimming_the_one_that_g
     assert store.size <= 12 * KIB
     for log in (first, second):
         newest, _ = await log.read(39)
-        assert [e.seq for e in newest] == [40]
+        assert [e[0] for e in newest] == [40]
 
 
 async def test_discarding_a_stream_frees_its_memory() -> None:
