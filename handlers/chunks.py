@@ -18,7 +18,7 @@ from .errors import UpstreamError, UpstreamProtocolError
 from .sse_decoder import ServerSentEvent
 from .think_tags import ThinkSplitter
 
-__all__ = ["ChunkTranslator", "normalize_usage"]
+__all__ = ["ChunkTranslator", "coalesce", "normalize_usage"]
 
 Event = dict[str, Any]
 
@@ -133,6 +133,28 @@ class ChunkTranslator:
         if answer:
             out.append({"type": "content", "text": answer})
         return out
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge neighbouring ``reasoning`` or ``content`` events into one, keeping their order.
+
+    Applied to the events one network read brought: a provider that sends
+    faster than the relay reads (or a burst after a stall) then costs one event
+    per kind and read instead of one per token, and a token that arrived alone
+    is never held back for a neighbour.
+    """
+    if len(events) < 2:
+        return events
+    out: list[Event] = []
+    last: Event | None = None
+    for event in events:
+        kind = event["type"]
+        if last is not None and kind == last["type"] and (kind == "content" or kind == "reasoning"):
+            last["text"] += event["text"]
+        else:
+            out.append(event)
+            last = event
+    return out
 
 
 def _tool_call(call: dict[str, Any]) -> Event:

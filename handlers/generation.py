@@ -175,7 +175,7 @@ class Generation:
         self._started = True
         try:
             await log.append([encode({"type": "meta", "stream": self.id, "model": self.model})])
-            metrics.count_events({"meta": 1})
+            metrics.count_event("meta")
             if self._stop_reason is not None:
                 raise asyncio.CancelledError
             events = stream_chat(
@@ -186,23 +186,22 @@ class Generation:
                 first_byte_timeout=config.first_byte_timeout,
                 idle_timeout=config.idle_timeout,
             )
+            counts = metrics.event_counts
             async with contextlib.aclosing(events):
                 async for batch in events:
-                    now = loop.time()
-                    counts: dict[str, int] = {}
                     for event in batch:
                         kind = event["type"]
                         counts[kind] = counts.get(kind, 0) + 1
                         if kind == "done":
+                            now = loop.time()
                             event["ttft_ms"] = ttft_ms
                             event["duration_ms"] = round((now - started) * 1000, 1)
                             usage = event["usage"]
                         elif ttft_ms is None:
-                            ttft_ms = round((now - started) * 1000, 1)
+                            ttft_ms = round((loop.time() - started) * 1000, 1)
                         if answer is not None and kind == "content":
                             answer.append(event["text"])
                     await log.append([encode(event) for event in batch])
-                    metrics.count_events(counts)
             self.outcome = "done"
         except asyncio.CancelledError:
             failure = self._stop_reason or cancelled()
@@ -216,7 +215,7 @@ class Generation:
             if failure is not None:
                 self.outcome = failure.code
                 await log.append([encode(failure.event())])
-                metrics.count_events({"error": 1})
+                metrics.count_event("error")
             await log.finish()
             duration = loop.time() - started
             metrics.stream_ended(
@@ -238,6 +237,8 @@ class Generation:
         answer: list[str] | None,
     ) -> None:
         """One structured (logfmt) line per stream; no prompt or answer text unless asked for."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
         usage = usage or {}
         fields: dict[str, object] = {
             "stream": self.id,

@@ -1,15 +1,18 @@
 """Prometheus metrics for one application, in its own registry.
 
 prometheus-client's default registry is a module global; each app gets its
-own so that two relays in one process count separately. Counting is done per
-batch of events, not per event, to keep the hot path light.
+own so that two relays in one process count separately. Relayed events are
+counted in a plain dictionary, read only when metrics are scraped, to keep the
+hot path free of locks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
 
@@ -42,9 +45,9 @@ class Metrics:
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
-        self.events = Counter("thinkstream_events", "Events relayed, by type.", ["type"], registry=registry)
-        # labels() looks its child up under a lock: once per event type, not once per batch.
-        self._event_counters: dict[str, Counter] = {}
+        # Events relayed, by type: the generations add to it directly.
+        self.event_counts: dict[str, int] = {}
+        registry.register(_EventCounts(self.event_counts))
         self.tokens = Counter(
             "thinkstream_tokens", "Tokens the provider reported, by kind.", ["kind"], registry=registry
         )
@@ -59,12 +62,9 @@ class Metrics:
             "thinkstream_rejections", "Requests refused before streaming, by reason.", ["reason"], registry=registry
         )
 
-    def count_events(self, counts: Mapping[str, int]) -> None:
-        for kind, n in counts.items():
-            counter = self._event_counters.get(kind)
-            if counter is None:
-                counter = self._event_counters[kind] = self.events.labels(kind)
-            counter.inc(n)
+    def count_event(self, kind: str) -> None:
+        counts = self.event_counts
+        counts[kind] = counts.get(kind, 0) + 1
 
     def stream_ended(
         self,
@@ -89,3 +89,16 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _EventCounts(Collector):
+    """``thinkstream_events_total{type=…}``, read from the plain counts at scrape time."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily("thinkstream_events", "Events relayed, by type.", labels=["type"])
+        for kind, n in sorted(self._counts.items()):
+            family.add_metric([kind], n)
+        yield family

@@ -2,7 +2,8 @@
 
 This is the provider seam: :func:`stream_chat` is an async generator of event
 batches. Each batch holds the events one network read completed, so the
-writer can send them in one go. aiohttp's exceptions are translated here, and
+writer can send them in one go, with neighbouring text deltas of one kind
+merged into one event. aiohttp's exceptions are translated here, and
 nowhere else, into the relay's own errors.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .chunks import ChunkTranslator, Event
+from .chunks import ChunkTranslator, Event, coalesce
 from .errors import (
     UpstreamConnectError,
     UpstreamError,
@@ -90,7 +91,7 @@ async def stream_chat(
                 if not received:
                     received = True
                     silence.expect(idle_timeout)
-                batch = translator.feed(decoder.feed(chunk))
+                batch = coalesce(translator.feed(decoder.feed(chunk)))
                 if translator.done:
                     batch.append(translator.done_event())
                     yield batch
@@ -106,7 +107,7 @@ async def stream_chat(
                     raise UpstreamProtocolError(str(decoder.error), code="upstream_line_too_long")
                 silence.heard()
             silence.expect(None)
-            tail = translator.feed(decoder.close()) + translator.close()
+            tail = coalesce(translator.feed(decoder.close()) + translator.close())
             finished = translator.complete and translator.error is None
             if finished:
                 tail.append(translator.done_event())

@@ -144,6 +144,40 @@ def text_of(events: Sequence[Received], kind: str) -> str:
     return "".join(e.data["text"] for e in events if e.event == kind)
 
 
+# The event types whose neighbours the relay may merge: the text deltas one network read brought.
+TEXT_KINDS = ("reasoning", "content")
+
+
+def kinds(events: Sequence[Received]) -> list[str]:
+    """The event types in order, each run of ``reasoning`` or ``content`` events named once.
+
+    How many events a run of text takes depends on how the network split the
+    provider's stream (see :func:`merged`); the order of the kinds does not.
+    """
+    out: list[str] = []
+    for e in events:
+        if not (out and e.event == out[-1] and e.event in TEXT_KINDS):
+            out.append(e.event)
+    return out
+
+
+def merged(events: Sequence[Received]) -> list[dict[str, Any]]:
+    """The events' objects without timings, each run of ``reasoning`` or ``content`` events joined into one.
+
+    What a client makes of a stream, whatever the network's reads were: the
+    relay merges neighbouring text deltas of one kind that arrive in one read,
+    and never merges other events.
+    """
+    out: list[dict[str, Any]] = []
+    for e in events:
+        data = without_timings(e.data)
+        if out and e.event in TEXT_KINDS and out[-1]["type"] == e.event:
+            out[-1] = {**out[-1], "text": out[-1]["text"] + data["text"]}
+        else:
+            out.append(data)
+    return out
+
+
 def without_timings(event: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in event.items() if k not in ("ttft_ms", "duration_ms")}
 

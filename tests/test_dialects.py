@@ -1,16 +1,37 @@
-"""Each provider dialect's recorded stream becomes the same thinkstream events."""
+"""Each provider dialect's recorded stream becomes the same thinkstream events.
+
+The text deltas one network read brings are relayed as one event per kind, so
+these tests speak of the text and the order of the kinds, not of how many
+``reasoning`` or ``content`` events carry them.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
-from helpers import TRANSCRIPTS, FakeProvider, RelayFactory, Reply, collect, text_of, transcript, types, without_timings
+from helpers import (
+    TRANSCRIPTS,
+    FakeProvider,
+    RelayFactory,
+    Reply,
+    chunk,
+    collect,
+    kinds,
+    merged,
+    sse,
+    text_of,
+    transcript,
+    types,
+    without_timings,
+)
 
 
 async def test_deepseek_reasoner_streams_reasoning_then_content(relay_to: RelayFactory, provider: FakeProvider) -> None:
     provider.reply = Reply(transcript("deepseek_reasoner.sse"))
     events = await collect(await relay_to(), params={"prompt": "greet me"})
 
-    assert types(events) == ["meta", "reasoning", "reasoning", "content", "content", "done"]
+    assert kinds(events) == ["meta", "reasoning", "content", "done"]
     assert text_of(events, "reasoning") == "Okay, the user wants a greeting — 你好."
     assert text_of(events, "content") == "Hello there! 👋"
     assert without_timings(events[-1].data) == {
@@ -60,7 +81,7 @@ async def test_openrouter_processing_comments_and_crlf_lines(relay_to: RelayFact
     provider.reply = Reply(transcript("openrouter_reasoning.sse"))
     events = await collect(await relay_to(), params={"prompt": "think"})
 
-    assert types(events) == ["meta", "reasoning", "reasoning", "content", "content", "done"]
+    assert kinds(events) == ["meta", "reasoning", "content", "done"]
     assert text_of(events, "reasoning") == "Thinking hard."
     assert events[-1].data["usage"]["reasoning_tokens"] == 4
 
@@ -88,4 +109,37 @@ async def test_network_chunking_does_not_change_the_events(
     provider.reply = Reply(body, chunks=[size] * len(body), delay=0.0005 if size == 1 else 0.0)
     split = await collect(client, params={"prompt": "x"})
 
-    assert [without_timings(e.data) for e in split[1:]] == [without_timings(e.data) for e in whole[1:]]
+    # Small writes may bring a delta per read, and so more, shorter text events: the same text, in the same order.
+    assert merged(split[1:]) == merged(whole[1:])
+
+
+def tool_call(arguments: str) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` with one tool-call fragment."""
+    call = {"index": 0, "function": {"arguments": arguments}}
+    return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"tool_calls": [call]}}]}
+
+
+async def test_text_deltas_that_arrive_in_one_read_are_merged_per_kind_and_no_further(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    reads = [
+        # Two thoughts and two tokens in one read: one reasoning event, then one content event.
+        sse(chunk(reasoning="Let me"), chunk(reasoning=" think."), chunk(content="The"), chunk(content=" answer")),
+        # A token alone in its read is relayed alone, not kept back for the next one.
+        sse(chunk(content=" is")),
+        # A tool call is never merged, and the text on either side of it is not merged across it.
+        sse(chunk(content=" 4"), tool_call('{"x":'), chunk(content="."), chunk(finish="stop"), "[DONE]"),
+    ]
+    # Writes far enough apart to reach the relay as separate reads.
+    provider.reply = Reply(b"".join(reads), chunks=[len(r) for r in reads], delay=0.05)
+    events = await collect(await relay_to(), params={"prompt": "2+2"})
+
+    assert [without_timings(e.data) for e in events[1:]] == [
+        {"type": "reasoning", "text": "Let me think."},
+        {"type": "content", "text": "The answer"},
+        {"type": "content", "text": " is"},
+        {"type": "content", "text": " 4"},
+        {"type": "tool_call", "index": 0, "arguments": '{"x":'},
+        {"type": "content", "text": "."},
+        {"type": "done", "finish_reason": "stop", "usage": None},
+    ]

@@ -434,7 +434,9 @@ async def test_a_finished_stream_is_counted_as_done_with_its_timings(relay: Rela
 
 
 async def test_the_events_relayed_are_counted_by_type(relay: RelayFactory) -> None:
-    client = await relay()
+    # Paced, so that tokens arrive in separate reads and are relayed as separate events (tokens that arrive
+    # together are merged into one): the count is of the events relayed, not one per stream.
+    client = await relay(demo_delay=0.005, demo_tokens=5)
 
     events = await collect(client, params={"prompt": "hi"})
     metrics = await scrape(client)

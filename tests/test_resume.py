@@ -29,7 +29,9 @@ PATIENCE = 10
 
 REASONING = ["The user", " says hi", " so I", " greet", " them back."]
 ANSWER = ["Hello", " there", "!", " How", " can", " I", " help", " you", " with", " your", " question", " today", "?"]
-# The relay makes ``meta``, a ``reasoning`` event per thought, a ``content`` event per token, and ``done``.
+# With each delta in its own read (:func:`paced_answer`), the relay makes ``meta``, a ``reasoning`` event per
+# thought, a ``content`` event per token, and ``done``. Deltas that arrive in one read are merged into one event
+# per kind, so a stream sent all at once (``paced_answer(delay=0)``) has fewer: its tests count what it gave.
 EVENT_COUNT = 1 + len(REASONING) + len(ANSWER) + 1
 
 
@@ -61,7 +63,7 @@ def paced_answer(delay: float = 0.01) -> Reply:
 
 
 def long_answer(tokens: int) -> Reply:
-    """An answer of ``tokens`` content events, all at once."""
+    """An answer of ``tokens`` words, all at once (so relayed in few events, but with all their text)."""
     return Reply(b"".join(sse(*(delta(content=f" word{n}") for n in range(tokens)), FINISH, "[DONE]")))
 
 
@@ -257,11 +259,13 @@ async def test_other_spellings_of_the_last_id_work_like_the_header(
 ) -> None:
     provider.reply = paced_answer(delay=0)
     client = await relay_to()
-    stream_id = (await read_all(client, "/stream", params={"prompt": "hi"}))[0].data["stream"]
+    events = await read_all(client, "/stream", params={"prompt": "hi"})
+    stream_id = events[0].data["stream"]
     with_header = await read_all(client, f"/stream/{stream_id}", headers={"Last-Event-ID": f"{stream_id}:3"})
     spelled_otherwise = await read_all(client, f"/stream/{stream_id}", **how(stream_id))
 
-    assert [seq(e) for e in with_header] == list(range(4, EVENT_COUNT + 1))
+    assert [seq(e) for e in with_header] == list(range(4, len(events) + 1))
+    assert with_header == events[3:]
     assert spelled_otherwise == with_header
 
 
@@ -329,10 +333,10 @@ async def test_resuming_a_finished_stream_from_the_middle_gives_the_rest_then_en
     provider.reply = paced_answer(delay=0)
     client = await relay_to()
     events = await read_all(client, "/stream", params={"prompt": "hi"})
-    middle = events[EVENT_COUNT // 2 - 1]
+    middle = events[len(events) // 2 - 1]
     rest = await resume(client, middle)
 
-    assert rest == events[EVENT_COUNT // 2 :]
+    assert rest == events[len(events) // 2 :]
     assert rest[-1].event == "done"
 
 
@@ -463,7 +467,8 @@ async def test_a_finished_stream_forgotten_to_free_memory_is_410_resume_gap(
     client = await relay_to(stream_buffer_bytes=8192, buffer_total_bytes=8192)
     provider.reply = paced_answer(delay=0)
     early = await read_all(client, "/stream", params={"prompt": "hi"})
-    provider.reply = long_answer(tokens=100)
+    # Words enough to fill the memory on their own, however few events carry them.
+    provider.reply = long_answer(tokens=2000)
     late = await hang_up_after(client, 1, params={"prompt": "go on"})
     await finished(client, late[0].data["stream"])
     status, error = await json_error(

@@ -1,0 +1,50 @@
+"""The server process's tuning: what `python server.py` and the gunicorn factory apply before serving."""
+
+from __future__ import annotations
+
+import gc
+import platform
+from collections.abc import Iterator
+
+import pytest
+
+from handlers import runtime
+
+glibc = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="the allocator tuning is glibc's"
+)
+
+
+@pytest.fixture
+def restored_gc() -> Iterator[None]:
+    thresholds = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*thresholds)
+
+
+def in_heap(address: int) -> bool:
+    """Whether ``address`` lies in the process's brk heap rather than in a separate mapping."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if line.rstrip().endswith("[heap]"):
+                start, end = (int(part, 16) for part in line.split()[0].split("-"))
+                if start <= address < end:
+                    return True
+    return False
+
+
+@glibc
+def test_after_tuning_a_buffer_the_size_of_asyncios_reads_comes_from_the_heap_not_a_fresh_mapping() -> None:
+    assert runtime.tune_allocator() is True
+
+    # asyncio reads a socket into a new 256 KiB bytes object; untuned, glibc maps (and soon unmaps) each one.
+    buffer = bytes(256 * 1024)
+    assert in_heap(id(buffer))
+
+
+def test_the_collector_freezes_what_exists_and_collects_young_objects_less_often(restored_gc: None) -> None:
+    runtime.tune_gc()
+
+    assert gc.get_threshold() == runtime.GC_THRESHOLDS
+    assert gc.get_freeze_count() > 0
