@@ -146,14 +146,18 @@ def coalesce(events: list[Event]) -> list[Event]:
     if len(events) < 2:
         return events
     out: list[Event] = []
-    last: Event | None = None
+    texts: list[str] = []  # the texts of out[-1] while it is a text event
     for event in events:
         kind = event["type"]
-        if last is not None and kind == last["type"] and (kind == "content" or kind == "reasoning"):
-            last["text"] += event["text"]
-        else:
-            out.append(event)
-            last = event
+        if texts and kind == out[-1]["type"]:
+            texts.append(event["text"])
+            continue
+        if len(texts) > 1:
+            out[-1]["text"] = "".join(texts)
+        out.append(event)
+        texts = [event["text"]] if kind == "content" or kind == "reasoning" else []
+    if len(texts) > 1:
+        out[-1]["text"] = "".join(texts)
     return out
 
 

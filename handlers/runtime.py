@@ -27,7 +27,6 @@ changes the whole process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import logging
 import platform
@@ -66,7 +65,7 @@ def tune_allocator() -> bool:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL(None)  # the C library this process already runs on
         tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
             libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
         )

@@ -29,6 +29,8 @@ from .stream_log import Entry
 __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The most one write hands the transport; the stall timeout applies to each.
+_WRITE_SLICE = 64 * 1024
 
 
 class EventSink:
@@ -64,9 +66,11 @@ class EventSink:
             transport.abort()
 
     async def _write(self, data: bytes) -> None:
-        self.write_started = self._loop.time()
         try:
-            await self.response.write(data)
+            # In slices, so that a client that keeps reading a long backlog never looks stalled.
+            for start in range(0, len(data), _WRITE_SLICE):
+                self.write_started = self._loop.time()
+                await self.response.write(data[start : start + _WRITE_SLICE] if len(data) > _WRITE_SLICE else data)
         except (ConnectionError, RuntimeError) as exc:
             # RuntimeError: aiohttp refuses writes once the connection is closed.
             raise ClientGone() from exc

@@ -88,11 +88,15 @@ async def stream_chat(
             decoder = SSEDecoder(max_line)
             translator = ChunkTranslator()
             async for chunk in response.content.iter_any():
-                if not received:
+                if received:
+                    silence.heard()
+                else:
                     received = True
                     silence.expect(idle_timeout)
                 batch = coalesce(translator.feed(decoder.feed(chunk)))
                 if translator.done:
+                    # Whatever the caller then does with the last batch, no timeout may cut into it.
+                    silence.expect(None)
                     batch.append(translator.done_event())
                     yield batch
                     return
@@ -100,12 +104,12 @@ async def stream_chat(
                     silence.paused = True
                     yield batch
                     silence.paused = False
+                    silence.heard()
                 # Raised only now, so that the events before a failure are relayed first.
                 if translator.error is not None:
                     raise translator.error
                 if decoder.error is not None:
                     raise UpstreamProtocolError(str(decoder.error), code="upstream_line_too_long")
-                silence.heard()
             silence.expect(None)
             tail = coalesce(translator.feed(decoder.close()) + translator.close())
             finished = translator.complete and translator.error is None
@@ -162,7 +166,7 @@ class _Silence:
     caller is handling a batch) silence does not count.
     """
 
-    __slots__ = ("_deadline", "_handle", "_loop", "heard_at", "limit", "paused")
+    __slots__ = ("_deadline", "_expiring", "_handle", "_loop", "heard_at", "limit", "paused")
 
     def __init__(self, deadline: asyncio.Timeout, limit: float | None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -171,12 +175,15 @@ class _Silence:
         self.limit: float | None = None
         self.paused = False
         self.heard_at = 0.0
+        # Expired, but the deadline's cancellation has not reached the task yet.
+        self._expiring = False
         self.expect(limit)
 
     def expect(self, limit: float | None) -> None:
         """From now on, allow ``limit`` seconds of silence (None: any)."""
         self.limit = limit
-        self.heard_at = now = self._loop.time()
+        self.heard()
+        now = self.heard_at
         if limit is None:
             self.cancel()
         elif self._handle is None or self._handle.when() > now + limit:
@@ -184,7 +191,12 @@ class _Silence:
             self._handle = self._loop.call_at(now + limit, self._check)
 
     def heard(self) -> None:
+        """The provider spoke (or the caller is done with a batch): silence counts from now."""
         self.heard_at = self._loop.time()
+        if self._expiring:
+            # Bytes came in the same loop turn as the expiry: the provider was not silent after all.
+            self._expiring = False
+            self._deadline.reschedule(None)
 
     def cancel(self) -> None:
         if self._handle is not None:
@@ -201,6 +213,9 @@ class _Silence:
             self.heard_at = now
         expires = self.heard_at + limit
         if expires <= now:
+            if self._deadline.when() is not None or self._deadline.expired():
+                return  # The block has ended, or has its own deadline.
+            self._expiring = True
             self._deadline.reschedule(now)
         else:
             self._handle = self._loop.call_at(expires, self._check)
