@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from .chat_request import ChatRequest
 from .config import Config
@@ -62,20 +61,13 @@ def encode(event: dict[str, Any]) -> tuple[str, str]:
 class Reader:
     """One connection following a stream's log, writing to its sink."""
 
-    __slots__ = ("_request", "_waiter", "sink", "stream_id")
+    __slots__ = ("_waiter", "sink", "stream_id")
 
-    def __init__(self, stream_id: str, request: web.BaseRequest, sink: EventSink) -> None:
+    def __init__(self, stream_id: str, sink: EventSink) -> None:
         self.stream_id = stream_id
         self.sink = sink
-        self._request = request
         # Resolved by wake(); a bare future costs less per event than an asyncio.Event.
         self._waiter: asyncio.Future[None] | None = None
-
-    @property
-    def gone(self) -> bool:
-        """Whether the client's connection has closed."""
-        transport = self._request.transport
-        return transport is None or transport.is_closing()
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -103,7 +95,7 @@ class Reader:
                     continue
                 if finished:
                     return
-                if self.gone:
+                if self.sink.gone:
                     raise ClientGone()
                 await waiter
         finally:
@@ -336,9 +328,9 @@ class Streams:
                 del self._per_client[generation.client]
             self._expire_later(generation.id)
 
-    def attach(self, stream_id: str, request: web.BaseRequest, sink: EventSink) -> Reader:
+    def attach(self, stream_id: str, sink: EventSink) -> Reader:
         """A connection starts following ``stream_id``, writing to ``sink``."""
-        reader = Reader(stream_id, request, sink)
+        reader = Reader(stream_id, sink)
         self._readers.add(reader)
         generation = self._generations.get(stream_id)
         if generation is not None:
@@ -381,7 +373,7 @@ class Streams:
                 if reader.sink.stalled(now, stall_timeout):
                     # The blocked write then fails, and the reader leaves as for any gone client.
                     reader.sink.abort()
-                elif reader.gone:
+                elif reader.sink.gone:
                     reader.wake()
 
     async def drain(self) -> None:

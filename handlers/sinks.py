@@ -54,6 +54,12 @@ class EventSink:
     async def close(self) -> None:
         return None
 
+    @property
+    def gone(self) -> bool:
+        """Whether the client's connection has closed."""
+        transport = self._request.transport
+        return transport is None or transport.is_closing()
+
     def stalled(self, now: float, limit: float) -> bool:
         """Whether one write has been waiting for the client to read for more than ``limit`` seconds."""
         started = self.write_started

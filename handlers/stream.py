@@ -114,7 +114,7 @@ async def _follow(
         keepalive=config.keepalive,
         stall_timeout=config.stall_timeout,
     )
-    reader = streams.attach(log.stream_id, request, sink)
+    reader = streams.attach(log.stream_id, sink)
     try:
         await reader.follow(log, after)
     except ClientGone:
