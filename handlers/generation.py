@@ -53,19 +53,28 @@ def server_shutdown() -> RelayError:
     )
 
 
-def encode(event: dict[str, Any]) -> tuple[str, str]:
+def encode(event: dict[str, Any]) -> tuple[str, bytes]:
     """An event as the log stores it: its type and its JSON text, made once."""
-    return event["type"], orjson.dumps(event).decode()
+    return event["type"], orjson.dumps(event)
 
 
 class Reader:
-    """One connection following a stream's log, writing to its sink."""
+    """One connection following a stream's log, writing to its sink.
 
-    __slots__ = ("_waiter", "sink", "stream_id")
+    While it waits for events, the stream's generation (when it runs in this
+    process) may write them to the sink itself, without waking it: see
+    :meth:`Generation.deliver`. ``after`` is the last event its client was sent.
+    """
 
-    def __init__(self, stream_id: str, sink: EventSink) -> None:
+    __slots__ = ("_waiter", "after", "generation", "idle", "sink", "stream_id")
+
+    def __init__(self, stream_id: str, sink: EventSink, generation: Generation | None) -> None:
         self.stream_id = stream_id
         self.sink = sink
+        self.generation = generation
+        self.after = 0
+        # True while it waits for events with nothing left to send.
+        self.idle = False
         # Resolved by wake(); a bare future costs less per event than an asyncio.Event.
         self._waiter: asyncio.Future[None] | None = None
 
@@ -80,27 +89,40 @@ class Reader:
         Stops early, by raising :class:`ClientGone`, if the client goes away.
         """
         loop = asyncio.get_running_loop()
-        send = self.sink.send_entries
-        log.subscribe(self.wake)
+        send = self.sink.send_events
+        # A generation running here wakes its readers itself; any other writer, through the log.
+        generation = self.generation
+        local = generation is not None and generation.follow(self)
+        if not local:
+            log.subscribe(self.wake)
+        self.after = after
         try:
             while True:
                 # Armed before reading, so that an append during the read is not missed.
                 waiter = self._waiter
                 if waiter is None or waiter.done():
                     waiter = self._waiter = loop.create_future()
-                entries, finished = await log.read(after)
-                if entries:
-                    await send(entries)
-                    after = entries[-1][0]
+                events, finished = await log.read(self.after)
+                if events is not None:
+                    await send(events)
+                    self.after = events.last
                     continue
                 if finished:
                     return
                 if self.sink.gone:
                     raise ClientGone()
-                await waiter
+                self.idle = True
+                try:
+                    await waiter
+                finally:
+                    self.idle = False
         finally:
             self._waiter = None
-            log.unsubscribe(self.wake)
+            if local:
+                assert generation is not None
+                generation.unfollow(self)
+            else:
+                log.unsubscribe(self.wake)
 
 
 class Generation:
@@ -113,14 +135,54 @@ class Generation:
         self.log = log
         self.task: asyncio.Task[None] | None = None
         self.readers = 0
+        # Readers waiting on this generation's events: it sends to them or wakes them.
+        self._followers: list[Reader] = []
         self.outcome = "running"
         self._started = False
+        self._finished = False
         self._stop_reason: RelayError | None = None
         self._abandon: asyncio.TimerHandle | None = None
 
     @property
     def running(self) -> bool:
         return self.task is not None and not self.task.done()
+
+    def follow(self, reader: Reader) -> bool:
+        """Take on waking ``reader`` when events come; False once the log will not grow any more."""
+        if self._finished:
+            return False
+        self._followers.append(reader)
+        return True
+
+    def unfollow(self, reader: Reader) -> None:
+        self._followers.remove(reader)
+
+    async def _append(self, events: list[tuple[str, bytes]]) -> None:
+        """Log the events, then hand them to the readers waiting for them."""
+        appended = await self.log.append(events)
+        followers = self._followers
+        if not followers:
+            return
+        caught_up = appended.first - 1
+        size = sum([len(data) for _, data in events]) + 64 * len(events)  # framed, roughly
+        for reader in followers[:] if len(followers) > 1 else followers:
+            # A caught-up reader whose connection takes the bytes at once gets them from
+            # here, which spares it a wake-up and a loop turn per event. Any other is woken
+            # to send them itself, so a slow client never holds up the generation.
+            if reader.idle and reader.after == caught_up and reader.sink.ready(size):
+                reader.after = appended.last
+                try:
+                    await reader.sink.send_events(appended)
+                except ClientGone:
+                    reader.wake()
+            else:
+                reader.wake()
+
+    def _wake_followers_at_end(self) -> None:
+        """The log is finished: every reader still waiting has its last events to send."""
+        self._finished = True
+        for reader in self._followers:
+            reader.wake()
 
     def reader_joined(self) -> None:
         """A connection follows this stream: it is no longer abandoned."""
@@ -166,7 +228,7 @@ class Generation:
         log = self.log
         self._started = True
         try:
-            await log.append([encode({"type": "meta", "stream": self.id, "model": self.model})])
+            await self._append([encode({"type": "meta", "stream": self.id, "model": self.model})])
             metrics.count_event("meta")
             if self._stop_reason is not None:
                 raise asyncio.CancelledError
@@ -193,7 +255,7 @@ class Generation:
                             ttft_ms = round((loop.time() - started) * 1000, 1)
                         if answer is not None and kind == "content":
                             answer.append(event["text"])
-                    await log.append([encode(event) for event in batch])
+                    await self._append([encode(event) for event in batch])
             self.outcome = "done"
         except asyncio.CancelledError:
             failure = self._stop_reason or cancelled()
@@ -206,9 +268,10 @@ class Generation:
         finally:
             if failure is not None:
                 self.outcome = failure.code
-                await log.append([encode(failure.event())])
+                await self._append([encode(failure.event())])
                 metrics.count_event("error")
             await log.finish()
+            self._wake_followers_at_end()
             duration = loop.time() - started
             metrics.stream_ended(
                 self.outcome,
@@ -330,9 +393,9 @@ class Streams:
 
     def attach(self, stream_id: str, sink: EventSink) -> Reader:
         """A connection starts following ``stream_id``, writing to ``sink``."""
-        reader = Reader(stream_id, sink)
-        self._readers.add(reader)
         generation = self._generations.get(stream_id)
+        reader = Reader(stream_id, sink, generation)
+        self._readers.add(reader)
         if generation is not None:
             generation.reader_joined()
         return reader

@@ -16,7 +16,6 @@ longer ago than the stall timeout.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,13 +23,15 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from .errors import ClientGone
-from .stream_log import Entry
+from .stream_log import EVENT_TYPES, Events
 
 __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # The most one write hands the transport; the stall timeout applies to each.
 _WRITE_SLICE = 64 * 1024
+# The lines of an SSE event after its id.
+_FIELDS = {kind: f"event: {kind}\ndata: ".encode() for kind in EVENT_TYPES}
 
 
 class EventSink:
@@ -43,7 +44,7 @@ class EventSink:
         # When the write now pending began (loop time), or None when no write is pending.
         self.write_started: float | None = None
 
-    async def send_entries(self, entries: Sequence[Entry]) -> None:
+    async def send_events(self, events: Events) -> None:
         """Send events from the log, in order, in one write."""
         raise NotImplementedError
 
@@ -53,6 +54,23 @@ class EventSink:
 
     async def close(self) -> None:
         return None
+
+    def ready(self, size: int) -> bool:
+        """Whether a write of ``size`` bytes would go out now, without waiting for the client.
+
+        True when no write is pending and the connection's send buffer is
+        empty: the bytes then go straight to the socket, and what the kernel
+        does not take stays below the transport's high-water mark (64 KiB),
+        so nothing pauses and nothing waits.
+        """
+        transport = self._request.transport
+        return (
+            self.write_started is None
+            and size <= _WRITE_SLICE
+            and transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        )
 
     @property
     def gone(self) -> bool:
@@ -71,7 +89,7 @@ class EventSink:
         if transport is not None:
             transport.abort()
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes | bytearray) -> None:
         try:
             # In slices, so that a client that keeps reading a long backlog never looks stalled.
             for start in range(0, len(data), _WRITE_SLICE):
@@ -95,17 +113,19 @@ class SSESink(EventSink):
     def __init__(self, request: web.BaseRequest, response: EventSourceResponse, stream_id: str, retry_ms: int) -> None:
         super().__init__(request, response)
         self._sse = response
-        self._prefix = f"id: {stream_id}:"
-        self._retry = f"retry: {retry_ms}\n"
+        self._prefix = f"id: {stream_id}:".encode()
+        self._retry = f"\nretry: {retry_ms}\n".encode()
 
-    async def send_entries(self, entries: Sequence[Entry]) -> None:
+    async def send_events(self, events: Events) -> None:
         # The fields are safe to write as they are: ids are "<stream-id>:<seq>", types are the
         # contract's names, and the data is compact JSON, which never holds a CR or LF.
         prefix = self._prefix
-        frames = [f"{prefix}{seq}\nevent: {kind}\ndata: {data}\n\n" for seq, kind, data in entries]
-        if entries[0][0] == 1:
-            frames[0] = frames[0][:-1] + self._retry + "\n"
-        await self._write("".join(frames).encode())
+        frames: list[bytes] = []
+        for seq, (kind, data) in enumerate(events.items, events.first):
+            frames += (prefix, str(seq).encode(), b"\n", _FIELDS[kind], data, b"\n\n")
+        if events.first == 1:
+            frames[2] = self._retry  # the line after the stream's first id
+        await self._write(b"".join(frames))
 
     async def send(self, event: dict[str, Any]) -> None:
         try:
@@ -122,8 +142,8 @@ class SSESink(EventSink):
 class NDJSONSink(EventSink):
     """Events as ``application/x-ndjson``: one JSON object per line."""
 
-    async def send_entries(self, entries: Sequence[Entry]) -> None:
-        await self._write("".join([f"{data}\n" for _, _, data in entries]).encode())
+    async def send_events(self, events: Events) -> None:
+        await self._write(b"".join([data + b"\n" for _, data in events.items]))
 
     async def send(self, event: dict[str, Any]) -> None:
         await self._write(orjson.dumps(event) + b"\n")

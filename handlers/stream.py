@@ -83,7 +83,7 @@ async def _resume(request: web.Request, streams: Streams, stream_id: str, after:
     if log is None:
         raise _not_found(stream_id)
     try:
-        entries, finished = await log.read(after)
+        events, finished = await log.read(after)
     except LogGap:
         raise RelayError(
             "the events after that id are no longer kept; start a new stream",
@@ -94,7 +94,7 @@ async def _resume(request: web.Request, streams: Streams, stream_id: str, after:
         raise RequestError(
             f"stream {stream_id!r} has not reached event {after}", code="invalid_last_event_id"
         ) from None
-    if finished and not entries:
+    if finished and events is None:
         # Nothing more will ever come: 204 tells an EventSource to stop reconnecting.
         return web.Response(status=204)
     streams.metrics.resumes.inc()

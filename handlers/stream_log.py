@@ -17,25 +17,44 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["Entry", "LogGap", "MemoryStreamStore", "StreamLog", "StreamStore", "entry_size"]
+__all__ = ["EVENT_TYPES", "Events", "LogGap", "MemoryStreamStore", "StreamLog", "StreamStore"]
 
 logger = logging.getLogger(__name__)
 
-# Rough bookkeeping cost of one entry beyond its JSON text.
-_ENTRY_OVERHEAD = 120
+# The event contract's types, in the order of their one-byte codes in a log.
+EVENT_TYPES = ("meta", "reasoning", "content", "tool_call", "done", "error")
+_CODES = {kind: code for code, kind in enumerate(EVENT_TYPES)}
 
-# One event in a log: its sequence number (from 1), type and JSON text. A plain
-# tuple of atoms, which the garbage collector stops tracking: thousands of live
-# streams keep hundreds of thousands of them, and every full collection would
-# otherwise walk them all.
-Entry = tuple[int, str, str]
+# Bytes an event costs in memory beyond its JSON text: its end offset (8) and type code (1).
+_EVENT_OVERHEAD = 9
 
 
-def entry_size(entry: Entry) -> int:
-    return len(entry[2]) + _ENTRY_OVERHEAD
+class Events:
+    """A run of consecutive events of one log, as an append or a read returns them."""
+
+    __slots__ = ("first", "items")
+
+    def __init__(self, first: int, items: Sequence[tuple[str, bytes]]) -> None:
+        self.first = first
+        # (type, JSON text) of each event, the first numbered ``first``.
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def last(self) -> int:
+        """The sequence number of the last event."""
+        return self.first + len(self.items) - 1
+
+    def __iter__(self) -> Iterator[tuple[int, str, bytes]]:
+        """``(seq, type, json)`` for each event."""
+        for seq, (kind, data) in enumerate(self.items, self.first):
+            yield seq, kind, data
 
 
 class LogGap(Exception):
@@ -48,16 +67,16 @@ class StreamLog(ABC):
     stream_id: str
 
     @abstractmethod
-    async def append(self, events: Iterable[tuple[str, str]]) -> None:
-        """Add ``(type, json)`` events; numbering continues from the last one."""
+    async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
+        """Add ``(type, json)`` events, numbered on from the last one; return them, numbered."""
 
     @abstractmethod
     async def finish(self) -> None:
         """No event will follow: readers stop when they have read everything."""
 
     @abstractmethod
-    async def read(self, after: int) -> tuple[list[Entry], bool]:
-        """The events after sequence number ``after``, and whether the log is finished.
+    async def read(self, after: int) -> tuple[Events | None, bool]:
+        """The events after sequence number ``after`` (None if there are none yet), and whether the log is finished.
 
         Raises :class:`LogGap` if some of them are no longer kept, and
         :class:`ValueError` if ``after`` is beyond the last event.
@@ -90,49 +109,69 @@ class StreamStore(ABC):
 
 
 class MemoryStreamLog(StreamLog):
-    """A log held in this process's memory."""
+    """A log held in this process's memory, packed: thousands of live streams keep one each.
+
+    The kept events' JSON texts sit back to back in one ``bytearray``, their
+    end offsets in an ``array`` and their types in a ``bytearray`` of codes:
+    about 9 bytes per event beyond its text, nothing for the garbage collector
+    to walk, and no small allocation kept per event (orjson's output is cut
+    down from a 1 KiB buffer, so keeping each one would pin that much heap).
+    """
 
     def __init__(self, store: MemoryStreamStore, stream_id: str) -> None:
         self.stream_id = stream_id
         self._store = store
-        # Kept events are self._entries[self._head:]; trimming moves the head and
-        # compacts now and then, so reads are plain slices.
-        self._entries: list[Entry] = []
-        self._head = 0
+        self._texts = bytearray()
+        # Where each kept event's text ends, counted from the stream's first
+        # byte; self._texts[0] is byte number self._dropped.
+        self._ends = array("Q")
+        self._codes = bytearray()
+        self._dropped = 0
+        self._first = 1  # sequence number of the first kept event
         self._last = 0
         self._finished = False
-        self._size = 0
         self._wakers: set[Callable[[], None]] = set()
 
     @property
     def size(self) -> int:
         """Bytes this log accounts for."""
-        return self._size
+        return len(self._texts) + _EVENT_OVERHEAD * len(self._codes)
 
-    async def append(self, events: Iterable[tuple[str, str]]) -> None:
-        added = 0
+    async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
+        texts, ends, codes = self._texts, self._ends, self._codes
+        start = end = self._dropped + len(texts)
         for kind, data in events:
-            self._last += 1
-            self._entries.append((self._last, kind, data))
-            added += len(data) + _ENTRY_OVERHEAD
-        self._size += added
-        self._store._grew(self, added)
+            texts += data
+            end += len(data)
+            ends.append(end)
+            codes.append(_CODES[kind])
+        appended = Events(self._last + 1, events)
+        self._last += len(events)
+        self._store._grew(self, end - start + _EVENT_OVERHEAD * len(events))
         self._wake()
+        return appended
 
     async def finish(self) -> None:
         self._finished = True
         self._store._finished(self)
         self._wake()
 
-    async def read(self, after: int) -> tuple[list[Entry], bool]:
+    async def read(self, after: int) -> tuple[Events | None, bool]:
         if after >= self._last:
             if after > self._last:
                 raise ValueError(f"stream {self.stream_id} has no event {after} yet")
-            return [], self._finished
-        entries, head = self._entries, self._head
-        if head == len(entries) or entries[head][0] > after + 1:
+            return None, self._finished
+        if after < self._first - 1:
             raise LogGap(f"events after {after} of stream {self.stream_id} are no longer kept")
-        return entries[head + after + 1 - entries[head][0] :], self._finished
+        texts, ends, codes, dropped = self._texts, self._ends, self._codes, self._dropped
+        skip = after + 1 - self._first
+        start = (ends[skip - 1] if skip else dropped) - dropped
+        items = []
+        for i in range(skip, len(codes)):
+            end = ends[i] - dropped
+            items.append((EVENT_TYPES[codes[i]], bytes(texts[start:end])))
+            start = end
+        return Events(after + 1, items), self._finished
 
     def subscribe(self, wake: Callable[[], None]) -> None:
         self._wakers.add(wake)
@@ -142,16 +181,21 @@ class MemoryStreamLog(StreamLog):
 
     def trim(self, target: int) -> int:
         """Drop the oldest events until at most ``target`` bytes remain; return bytes freed."""
-        entries, head, freed = self._entries, self._head, 0
-        while head < len(entries) and self._size - freed > target:
-            freed += entry_size(entries[head])
-            head += 1
-        if head > len(entries) // 2:
-            del entries[:head]
-            head = 0
-        self._head = head
-        self._size -= freed
-        return freed
+        before = size = self.size
+        ends, count, drop = self._ends, len(self._codes), 0
+        while drop < count and size > target:
+            start = ends[drop - 1] if drop else self._dropped
+            size -= ends[drop] - start + _EVENT_OVERHEAD
+            drop += 1
+        if drop:
+            cut = ends[drop - 1]
+            # Deleting from the front of a bytearray moves its start, not its bytes.
+            del self._texts[: cut - self._dropped]
+            del ends[:drop]
+            del self._codes[:drop]
+            self._dropped = cut
+            self._first += drop
+        return before - self.size
 
     def _wake(self) -> None:
         for wake in self._wakers:

@@ -67,6 +67,18 @@ def long_answer(tokens: int) -> Reply:
     return Reply(b"".join(sse(*(delta(content=f" word{n}") for n in range(tokens)), FINISH, "[DONE]")))
 
 
+def words_in_writes(tokens: int, per_write: int) -> Reply:
+    """An answer of ``tokens`` words, ``per_write`` words a provider write, each relayed as an event of its own."""
+    writes = [
+        *(
+            b"".join(sse(*(delta(content=f" word{n}") for n in range(i, min(i + per_write, tokens)))))
+            for i in range(0, tokens, per_write)
+        ),
+        b"".join(sse(FINISH, "[DONE]")),
+    ]
+    return Reply(b"".join(writes), chunks=[len(w) for w in writes], delay=0.002)
+
+
 def seq(event: Received) -> int:
     return int(event.id.rpartition(":")[2])
 
@@ -465,10 +477,11 @@ async def test_a_finished_stream_forgotten_to_free_memory_is_410_resume_gap(
     # README: finished streams are evicted first when --buffer-total-bytes runs short, and "a resume that
     # reaches past what is kept gets resume_gap".
     client = await relay_to(stream_buffer_bytes=8192, buffer_total_bytes=8192)
-    provider.reply = paced_answer(delay=0)
+    # A finished stream that holds about 5 KiB of the 8 KiB ...
+    provider.reply = long_answer(tokens=500)
     early = await read_all(client, "/stream", params={"prompt": "hi"})
-    # Words enough to fill the memory on their own, however few events carry them.
-    provider.reply = long_answer(tokens=2000)
+    # ... and a running one that keeps up to 8 KiB on its own, in small events, so that together they overflow.
+    provider.reply = words_in_writes(tokens=2000, per_write=40)
     late = await hang_up_after(client, 1, params={"prompt": "go on"})
     await finished(client, late[0].data["stream"])
     status, error = await json_error(

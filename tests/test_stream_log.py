@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
-from handlers.stream_log import LogGap, MemoryStreamStore
+from handlers.stream_log import Events, LogGap, MemoryStreamStore
 
 KIB = 1024
 
 
-def event(i: int, size: int = 10) -> tuple[str, str]:
-    return "content", f'{{"n":{i},"pad":"{"x" * size}"}}'
+def event(i: int, size: int = 10) -> tuple[str, bytes]:
+    return "content", f'{{"n":{i},"pad":"{"x" * size}"}}'.encode()
+
+
+def seqs(read: tuple[Events | None, bool]) -> list[int]:
+    events, _ = read
+    return [] if events is None else [seq for seq, _, _ in events]
 
 
 async def test_events_are_numbered_from_one_and_read_after_any_position() -> None:
@@ -19,10 +26,38 @@ async def test_events_are_numbered_from_one_and_read_after_any_position() -> Non
     await log.append([event(3)])
 
     everything, finished = await log.read(0)
-    assert [e[0] for e in everything] == [1, 2, 3] and not finished
-    assert [e[0] for e in (await log.read(2))[0]] == [3]
-    assert (await log.read(3))[0] == []
-    assert everything[0] == (1, "content", event(1)[1])
+    assert seqs((everything, finished)) == [1, 2, 3] and not finished
+    assert seqs(await log.read(2)) == [3]
+    assert await log.read(3) == (None, False)
+    assert everything is not None and next(iter(everything)) == (1, "content", event(1)[1])
+
+
+async def test_an_append_returns_its_events_numbered_and_reads_give_them_back() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    await log.append([("meta", b'{"type":"meta"}')])
+    appended = await log.append([("reasoning", b'{"text":"a"}'), ("content", b'{"text":"b"}')])
+
+    assert (appended.first, appended.last, len(appended)) == (2, 3, 2)
+    assert list(appended) == [(2, "reasoning", b'{"text":"a"}'), (3, "content", b'{"text":"b"}')]
+    everything, _ = await log.read(0)
+    assert everything is not None
+    assert list(everything) == [(1, "meta", b'{"type":"meta"}'), *appended]
+
+
+async def test_a_log_costs_little_more_memory_than_its_events_text() -> None:
+    # Thousands of live streams each keep one: per event, a few bytes beyond the JSON, not a Python object.
+    size = len(event(0, size=40)[1])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        log = MemoryStreamStore(stream_bytes=1024 * KIB, total_bytes=1024 * KIB).create("s")
+        for i in range(1000):
+            await log.append([event(i, size=40)])
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert used < 1000 * (size + 32)
 
 
 async def test_a_finished_log_says_so_to_readers_at_its_end() -> None:
@@ -31,7 +66,7 @@ async def test_a_finished_log_says_so_to_readers_at_its_end() -> None:
     await log.finish()
 
     assert (await log.read(0))[1] is True
-    assert await log.read(1) == ([], True)
+    assert await log.read(1) == (None, True)
 
 
 async def test_subscribers_are_woken_by_appends_and_by_the_end() -> None:
@@ -67,8 +102,7 @@ async def test_a_long_stream_keeps_only_its_newest_events_within_its_budget() ->
         largest = max(largest, store.size)
 
     assert largest <= 16 * KIB
-    newest, _ = await log.read(4999)
-    assert [e[0] for e in newest] == [5000]
+    assert seqs(await log.read(4999)) == [5000]
 
 
 async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
@@ -84,13 +118,13 @@ async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
 async def test_finished_streams_lose_their_events_first_when_memory_runs_short() -> None:
     store = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=12 * KIB)
     old = store.create("old")
-    await old.append([event(i, size=500) for i in range(10)])
+    await old.append([event(i, size=700) for i in range(10)])
     await old.finish()
     live = store.create("live")
-    await live.append([event(i, size=500) for i in range(10)])
+    await live.append([event(i, size=700) for i in range(10)])
 
     assert store.size <= 12 * KIB
-    assert [e[0] for e in (await live.read(0))[0]] == list(range(1, 11))
+    assert seqs(await live.read(0)) == list(range(1, 11))
     assert store.get("old") is old, "its record stays, so a resume hears of the gap"
     with pytest.raises(LogGap):
         await old.read(0)
@@ -113,8 +147,7 @@ async def test_running_streams_share_the_total_budget_by_trimming_the_one_that_g
 
     assert store.size <= 12 * KIB
     for log in (first, second):
-        newest, _ = await log.read(39)
-        assert [e[0] for e in newest] == [40]
+        assert seqs(await log.read(39)) == [40]
 
 
 async def test_discarding_a_stream_frees_its_memory() -> None:
