@@ -22,7 +22,7 @@ from aiohttp import ClientResponse, web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
-from helpers import Received, RelayFactory, chunk, collect, eventually, kinds, sse, text_of, types
+from helpers import Received, RelayFactory, chunk, collect, eventually, kinds, parse_sse, sse, text_of, types
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -639,8 +639,16 @@ async def floods_or_keeps_a_steady_pace(call: Call) -> None:
     await call.finish()
 
 
-async def stalled_reader(client: Client, path: str) -> tuple[socket.socket, str]:
-    """A raw connection that asks for ``path``, reads just enough to learn the stream id, then never reads again."""
+async def sends_one_chunk_then_floods_once_released(call: Call) -> None:
+    await call.send("Hel")
+    await call.silence()
+    for _ in range(FLOOD_CHUNKS // 100):
+        await call.send(*[FLOOD_TEXT] * 100)
+    await call.finish()
+
+
+async def raw_get(client: Client, path: str, headers: dict[str, str] | None = None) -> socket.socket:
+    """A raw connection to the relay that has sent ``GET path`` and read nothing yet."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     # A small receive window, set before connecting, so that the relay's writes back up quickly.
@@ -648,7 +656,15 @@ async def stalled_reader(client: Client, path: str) -> tuple[socket.socket, str]
     sock.setblocking(False)
     assert client.server.port is not None
     await loop.sock_connect(sock, ("127.0.0.1", client.server.port))
-    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+    lines = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+    await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{lines}\r\n".encode())
+    return sock
+
+
+async def stalled_reader(client: Client, path: str) -> tuple[socket.socket, str]:
+    """A raw connection that asks for ``path``, reads just enough to learn the stream id, then never reads again."""
+    loop = asyncio.get_running_loop()
+    sock = await raw_get(client, path)
     head = b""
     async with asyncio.timeout(5):
         while (found := re.search(rb'"stream":"([A-Za-z0-9_-]+)"', head)) is None:
@@ -665,6 +681,34 @@ async def read_what_is_left(sock: socket.socket) -> bytes:
             while piece := await loop.sock_recv(sock, 1 << 16):
                 rest += piece
     return rest
+
+
+def events_in(response: bytes) -> list[Received]:
+    """The events of a raw HTTP response from the relay: a 200 with a chunked ``text/event-stream`` body."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert b"Transfer-Encoding: chunked" in head, head
+    payload, at = bytearray(), 0
+    while (size := int(body[at : body.index(b"\r\n", at)], 16)) != 0:
+        start = body.index(b"\r\n", at) + 2
+        payload += body[start : start + size]
+        at = start + size + 2
+    return parse_sse(bytes(payload))
+
+
+async def read_steadily(sock: socket.socket, rate: float) -> bytes:
+    """Everything the connection delivers until it ends or is reset, read at ``rate`` bytes a second, never faster."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    received = bytearray()
+    with contextlib.suppress(ConnectionResetError):
+        async with asyncio.timeout(30):
+            while piece := await loop.sock_recv(sock, 1 << 14):
+                received += piece
+                ahead = len(received) / rate - (loop.time() - started)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+    return bytes(received)
 
 
 # Big buffers, so that the reader is dropped for stalling and not for falling past what the stream keeps.
@@ -713,3 +757,69 @@ async def test_a_stalled_reader_holds_up_neither_another_stream_nor_its_own_gene
     assert types(steady)[-1] == "done"
     assert text_of(steady, "content") == "".join(f"{n} " for n in range(10))
     assert stalled.outcome == "done"
+
+
+async def test_a_reader_that_stops_reading_does_not_hold_up_another_reader_of_the_same_stream(
+    relay_to_upstream: RelayFactory, upstream: ScriptedProvider
+) -> None:
+    # README, "Slow readers": a client that stops reading "never holds up other streams or the generation". Nor,
+    # then, the other readers of its own stream, which that generation feeds: they get the answer as it comes.
+    upstream.script = sends_one_chunk_then_floods_once_released
+    stall_timeout = 6.0
+    client = await relay_to_upstream(stall_timeout=stall_timeout, **ROOMY)
+    async with client.get("/stream", params={"prompt": "flood"}) as reading:
+        before = await read_until(reading, "content", text="Hel")
+        stream_id = before[0].data["stream"]
+        generation = streams_of(client).get(stream_id)
+        assert generation is not None
+        # A second connection to the stream, resumed after meta, that never reads a byte of its response.
+        stuck = await raw_get(client, f"/stream/{stream_id}", {"Last-Event-ID": before[0].id, "Connection": "close"})
+        with stuck:
+            await eventually(lambda: generation.readers == 2, "the stuck connection follows the stream")
+            upstream.released.set()
+            started = now()
+            after = await read_rest(reading)
+            took = now() - started
+            # It has read nothing, so it has been sent no more than its receive buffer holds.
+            delivered = stuck.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+            # Once it reads (through a wider window, to be quick about it), it gets its answer too: it was kept
+            # waiting, not dropped.
+            stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            unread = await read_what_is_left(stuck)
+
+    events = before + after
+    assert [e.id for e in events] == [f"{stream_id}:{n}" for n in range(1, len(events) + 1)]
+    assert kinds(events) == ["meta", "content", "done"]
+    assert text_of(events, "content") == "Hel" + FLOOD_TEXT * FLOOD_CHUNKS
+    assert took < stall_timeout / 3, f"the reading connection took {took:.1f} s"
+    # While the reading connection got all 8 MB, megabytes of the stuck one's answer were waiting at the relay.
+    assert len(unread) - delivered > 4 << 20
+    assert events_in(unread) == events[1:]
+
+
+# A reader that reads slowly, but steadily.
+
+
+async def test_a_slow_but_steady_reader_of_a_long_backlog_is_not_taken_for_a_stalled_one(
+    relay_to_upstream: RelayFactory, upstream: ScriptedProvider
+) -> None:
+    # README, "Slow readers": a client that *stops reading* for --stall-timeout seconds is dropped. One that keeps
+    # reading is not, however many stall timeouts its backlog takes to read.
+    upstream.script = floods_or_keeps_a_steady_pace
+    stall_timeout = 1.0
+    client = await relay_to_upstream(stall_timeout=stall_timeout, **ROOMY)
+    events = await collect(client, params={"prompt": "flood"})
+    stream_id = events[0].data["stream"]
+    # Resumed after meta, the whole 8 MB answer is a backlog: read at 1.6 MB/s, it takes 5 s, and each 64 KiB 40 ms.
+    # The connection's small receive buffer leaves most of the backlog waiting at the relay, not in the client's kernel.
+    sock = await raw_get(client, f"/stream/{stream_id}", {"Last-Event-ID": events[0].id, "Connection": "close"})
+    with sock:
+        started = now()
+        response = await read_steadily(sock, rate=1.6e6)
+        took = now() - started
+
+    # Served to the end, not cut off part way by the watchdog.
+    assert response.endswith(b"\r\n0\r\n\r\n"), f"cut off after {len(response)} bytes, in {took:.1f} s"
+    assert events_in(response) == events[1:]
+    # It did take several stall timeouts, but no one write was left unread for that long.
+    assert took > 3 * stall_timeout
