@@ -63,7 +63,7 @@ class Reader:
 
     While it waits for events, the stream's generation (when it runs in this
     process) may write them to the sink itself, without waking it: see
-    :meth:`Generation.deliver`. ``after`` is the last event its client was sent.
+    `Generation._append`. ``after`` is the last event its client was sent.
     """
 
     __slots__ = ("_waiter", "after", "generation", "idle", "sink", "stream_id")

@@ -189,7 +189,7 @@ class MemoryStreamLog(StreamLog):
             drop += 1
         if drop:
             cut = ends[drop - 1]
-            # Deleting from the front of a bytearray moves its start, not its bytes.
+            # The bytearray just moves its start; the offsets array moves its items (see the closing note).
             del self._texts[: cut - self._dropped]
             del ends[:drop]
             del self._codes[:drop]
