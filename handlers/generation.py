@@ -158,7 +158,13 @@ class Generation:
         self._followers.remove(reader)
 
     async def _append(self, events: list[tuple[str, bytes]]) -> None:
-        """Log the events, then hand them to the readers waiting for them."""
+        """Log the events, then hand them to the readers waiting for them.
+
+        A reader written to directly gets the events even when the append
+        already trimmed them again (a total memory budget smaller than what
+        the running streams hold): they were in hand, so it misses nothing
+        that a woken reader, reading the log, would find gone.
+        """
         appended = await self.log.append(events)
         followers = self._followers
         if not followers:

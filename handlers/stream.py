@@ -83,7 +83,8 @@ async def _resume(request: web.Request, streams: Streams, stream_id: str, after:
     if log is None:
         raise _not_found(stream_id)
     try:
-        events, finished = await log.read(after)
+        # Only a check (one event at most): the reader reads them again as it sends them.
+        events, finished = await log.read(after, max_bytes=0)
     except LogGap:
         raise RelayError(
             "the events after that id are no longer kept; start a new stream",

@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from array import array
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
-__all__ = ["EVENT_TYPES", "Events", "LogGap", "MemoryStreamStore", "StreamLog", "StreamStore"]
+__all__ = ["EVENT_TYPES", "READ_BYTES", "Events", "LogGap", "MemoryStreamStore", "StreamLog", "StreamStore"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,12 @@ logger = logging.getLogger(__name__)
 EVENT_TYPES = ("meta", "reasoning", "content", "tool_call", "done", "error")
 _CODES = {kind: code for code, kind in enumerate(EVENT_TYPES)}
 
-# Bytes an event costs in memory beyond its JSON text: its end offset (8) and type code (1).
+# How much JSON text one read returns at most (about one write slice of a sink):
+# a reader resuming a long backlog never holds the event loop for long.
+READ_BYTES = 48 * 1024
+
+# Bytes an event is charged beyond its JSON text: its end offset (8) and type code (1).
+# The containers over-allocate as they grow (by up to an eighth), which this leaves out.
 _EVENT_OVERHEAD = 9
 
 
@@ -75,11 +81,14 @@ class StreamLog(ABC):
         """No event will follow: readers stop when they have read everything."""
 
     @abstractmethod
-    async def read(self, after: int) -> tuple[Events | None, bool]:
+    async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
         """The events after sequence number ``after`` (None if there are none yet), and whether the log is finished.
 
-        Raises :class:`LogGap` if some of them are no longer kept, and
-        :class:`ValueError` if ``after`` is beyond the last event.
+        At most about ``max_bytes`` of JSON text, but always at least one
+        event when there is one: a reader far behind catches up in bounded
+        steps, and a check that something is there (``max_bytes=0``) costs
+        one event. Raises :class:`LogGap` if the first of them is no longer
+        kept, and :class:`ValueError` if ``after`` is beyond the last event.
         """
 
     @abstractmethod
@@ -113,7 +122,8 @@ class MemoryStreamLog(StreamLog):
 
     The kept events' JSON texts sit back to back in one ``bytearray``, their
     end offsets in an ``array`` and their types in a ``bytearray`` of codes:
-    about 9 bytes per event beyond its text, nothing for the garbage collector
+    9 bytes per event beyond its text (and what the containers over-allocate
+    as they grow, up to about an eighth more), nothing for the garbage collector
     to walk, and no small allocation kept per event (orjson's output is cut
     down from a 1 KiB buffer, so keeping each one would pin that much heap).
     """
@@ -122,10 +132,13 @@ class MemoryStreamLog(StreamLog):
         self.stream_id = stream_id
         self._store = store
         self._texts = bytearray()
-        # Where each kept event's text ends, counted from the stream's first
-        # byte; self._texts[0] is byte number self._dropped.
+        # Where each event's text ends, counted from the stream's first byte
+        # (self._texts[0] is byte number self._dropped), and its type code.
+        # Entries before self._head belong to dropped events: trimming only
+        # moves the head, and the arrays are compacted once it passes half.
         self._ends = array("Q")
         self._codes = bytearray()
+        self._head = 0
         self._dropped = 0
         self._first = 1  # sequence number of the first kept event
         self._last = 0
@@ -135,16 +148,18 @@ class MemoryStreamLog(StreamLog):
     @property
     def size(self) -> int:
         """Bytes this log accounts for."""
-        return len(self._texts) + _EVENT_OVERHEAD * len(self._codes)
+        return len(self._texts) + _EVENT_OVERHEAD * (self._last + 1 - self._first)
 
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
-        texts, ends, codes = self._texts, self._ends, self._codes
+        # Every type is looked up before anything changes, so a bad one leaves the log as it was.
+        new_codes = [_CODES[kind] for kind, _ in events]
+        texts, ends = self._texts, self._ends
         start = end = self._dropped + len(texts)
-        for kind, data in events:
+        for _, data in events:
             texts += data
             end += len(data)
             ends.append(end)
-            codes.append(_CODES[kind])
+        self._codes += bytes(new_codes)
         appended = Events(self._last + 1, events)
         self._last += len(events)
         self._store._grew(self, end - start + _EVENT_OVERHEAD * len(events))
@@ -156,21 +171,26 @@ class MemoryStreamLog(StreamLog):
         self._store._finished(self)
         self._wake()
 
-    async def read(self, after: int) -> tuple[Events | None, bool]:
+    async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
         if after >= self._last:
             if after > self._last:
                 raise ValueError(f"stream {self.stream_id} has no event {after} yet")
             return None, self._finished
         if after < self._first - 1:
             raise LogGap(f"events after {after} of stream {self.stream_id} are no longer kept")
-        texts, ends, codes, dropped = self._texts, self._ends, self._codes, self._dropped
-        skip = after + 1 - self._first
-        start = (ends[skip - 1] if skip else dropped) - dropped
+        ends, codes, dropped = self._ends, self._codes, self._dropped
+        first = self._head + after + 1 - self._first
+        start = ends[first - 1] if first > self._head else dropped
+        # The last event to return: the first whose text reaches max_bytes, or the newest.
+        last = bisect_left(ends, start + max_bytes, first, len(ends) - 1) if max_bytes else first
+        # One copy of the whole run, then one per event: slicing a bytearray would copy twice.
+        run = bytes(self._texts[start - dropped : ends[last] - dropped])
+        offset = start
         items = []
-        for i in range(skip, len(codes)):
-            end = ends[i] - dropped
-            items.append((EVENT_TYPES[codes[i]], bytes(texts[start:end])))
-            start = end
+        for i in range(first, last + 1):
+            end = ends[i]
+            items.append((EVENT_TYPES[codes[i]], run[offset - start : end - start]))
+            offset = end
         return Events(after + 1, items), self._finished
 
     def subscribe(self, wake: Callable[[], None]) -> None:
@@ -182,19 +202,24 @@ class MemoryStreamLog(StreamLog):
     def trim(self, target: int) -> int:
         """Drop the oldest events until at most ``target`` bytes remain; return bytes freed."""
         before = size = self.size
-        ends, count, drop = self._ends, len(self._codes), 0
+        ends, head, count = self._ends, self._head, len(self._ends)
+        start = self._dropped
+        drop = head
         while drop < count and size > target:
-            start = ends[drop - 1] if drop else self._dropped
             size -= ends[drop] - start + _EVENT_OVERHEAD
+            start = ends[drop]
             drop += 1
-        if drop:
-            cut = ends[drop - 1]
-            # The bytearray just moves its start; the offsets array moves its items (see the closing note).
-            del self._texts[: cut - self._dropped]
-            del ends[:drop]
-            del self._codes[:drop]
-            self._dropped = cut
-            self._first += drop
+        if drop > head:
+            # A bytearray drops its head in place; the arrays only move their head index
+            # here, and shift their items once half of them are dropped ones.
+            del self._texts[: start - self._dropped]
+            self._dropped = start
+            self._first += drop - head
+            if drop * 2 >= count:
+                del ends[:drop]
+                del self._codes[:drop]
+                drop = 0
+            self._head = drop
         return before - self.size
 
     def _wake(self) -> None:

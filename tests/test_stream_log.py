@@ -159,3 +159,61 @@ async def test_discarding_a_stream_frees_its_memory() -> None:
     assert store.get("s") is None
     assert store.size == 0
     assert len(store) == 0
+
+
+async def test_a_long_backlog_is_read_in_bounded_steps_that_together_give_every_event() -> None:
+    # A reader resuming far behind never holds the event loop for the whole backlog at once.
+    log = MemoryStreamStore(stream_bytes=1024 * KIB, total_bytes=1024 * KIB).create("s")
+    for i in range(1, 2001):
+        await log.append([event(i, size=100)])
+    size = len(event(0, size=100)[1])
+
+    got: list[tuple[int, str, bytes]] = []
+    after = 0
+    while True:
+        events, _ = await log.read(after, max_bytes=4 * KIB)
+        if events is None:
+            break
+        assert sum(len(data) for _, data in events.items) <= 4 * KIB + size
+        got += events
+        after = events.last
+
+    assert got == [(i, *event(i, size=100)) for i in range(1, 2001)]
+
+
+async def test_a_read_with_no_byte_budget_still_gives_the_next_event() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    await log.append([event(1), event(2), event(3)])
+
+    assert seqs(await log.read(1, max_bytes=0)) == [2]
+
+
+async def test_an_event_of_unknown_type_is_refused_and_leaves_the_log_as_it_was() -> None:
+    store = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB)
+    log = store.create("s")
+    await log.append([event(1)])
+
+    with pytest.raises(KeyError):
+        await log.append([event(2), ("surprise", b"{}")])
+
+    assert seqs(await log.read(0)) == [1]
+    assert store.size == log.size
+    assert seqs(((await log.append([event(2)])), False)) == [2]
+
+
+async def test_a_stream_long_past_its_budget_reads_right_and_keeps_no_bookkeeping_for_dropped_events() -> None:
+    store = MemoryStreamStore(stream_bytes=4 * KIB, total_bytes=64 * KIB)
+    log = store.create("s")
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(1, 20_001):
+            await log.append([event(i)])
+            if i % 997 == 0:
+                assert list((await log.read(i - 3))[0] or []) == [(n, *event(n)) for n in (i - 2, i - 1, i)]
+        used = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+    assert log.size <= 4 * KIB
+    assert used < 4 * (4 * KIB), "20,000 events went through; only the last 4 KiB of them may cost memory"
