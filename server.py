@@ -48,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         app,
         host=config.host,
         port=config.port,
+        backlog=config.backlog,
         # No access log: GET /stream URLs carry the user's prompt.
         access_log=None,
         print=_announce,

@@ -57,6 +57,14 @@ class Config:
         flag="--host",
     )
     port: int = _setting(8080, "TCP port to listen on.", env=["THINKSTREAM_PORT"], flag="--port")
+    backlog: int = _setting(
+        2048,
+        "Connections the kernel may hold until the server accepts them (capped by net.core.somaxconn). "
+        "When thousands of clients connect at once, a client that finds the queue full waits a second "
+        "or more for its connection to be retried.",
+        env=["THINKSTREAM_BACKLOG"],
+        flag="--backlog",
+    )
     base_url: str | None = _setting(
         None,
         "Base URL of the OpenAI-compatible API, up to but not including /chat/completions. "
@@ -340,7 +348,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"demo_tokens must be zero or more, not {config.demo_tokens}")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"log level must be DEBUG, INFO, WARNING or ERROR, not {config.log_level!r}")
-    for name in ("max_messages", "max_chars", "max_streams", "client_streams"):
+    for name in ("backlog", "max_messages", "max_chars", "max_streams", "client_streams"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
     try:

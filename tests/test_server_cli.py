@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import sys
+from pathlib import Path
 
 import aiohttp
 from helpers import ROOT, clean_env, parse_sse, start_server, stop_server
@@ -47,3 +49,60 @@ async def test_a_bad_setting_exits_with_status_2_and_a_message() -> None:
     assert process.returncode == 2
     assert b"absolute http" in err
     assert b"Traceback" not in err
+
+
+# The kernel caps every listen queue at this (4096 by default since Linux 5.4).
+SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+async def _connections_taken_while_paused(process: asyncio.subprocess.Process, port: int, count: int) -> int:
+    """Open ``count`` connections while the server cannot accept (stopped); return how many the kernel queued.
+
+    Then let the server go on, and check that every queued connection is served.
+    """
+    process.send_signal(signal.SIGSTOP)
+    try:
+
+        async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+            try:
+                async with asyncio.timeout(0.5):
+                    return await asyncio.open_connection("127.0.0.1", port)
+            except TimeoutError:
+                return None
+
+        opened = await asyncio.gather(*(connect() for _ in range(count)))
+    finally:
+        process.send_signal(signal.SIGCONT)
+    connections = [c for c in opened if c is not None]
+    try:
+        for _, writer in connections:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        async with asyncio.timeout(20):
+            answers = [await reader.read() for reader, _ in connections]
+        assert all(answer.startswith(b"HTTP/1.1 200") for answer in answers)
+    finally:
+        for _, writer in connections:
+            writer.close()
+    return len(connections)
+
+
+async def test_a_burst_of_connections_waits_in_the_queue_while_the_server_is_busy() -> None:
+    # Thousands of clients connecting at once find the server busy; with a short listen
+    # queue (aiohttp's default is 128) the ones that overflow it wait a second or more.
+    process, port, _ = await start_server()
+    try:
+        taken = await _connections_taken_while_paused(process, port, 400)
+    finally:
+        await stop_server(process)
+
+    assert taken == min(400, SOMAXCONN + 1)
+
+
+async def test_the_listen_queue_is_as_long_as_backlog_says() -> None:
+    process, port, _ = await start_server("--backlog", "16")
+    try:
+        taken = await _connections_taken_while_paused(process, port, 100)
+    finally:
+        await stop_server(process)
+
+    assert 16 <= taken <= 20
