@@ -14,6 +14,7 @@ from pathlib import Path
 __all__ = [
     "RssSampler",
     "cpu_model",
+    "listen_overflows",
     "machine_busy_seconds",
     "memory_total_bytes",
     "process_cpu_seconds",
@@ -52,6 +53,23 @@ def process_uses(pid: int, library: str) -> bool:
         return library in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
+
+
+def listen_overflows() -> int | None:
+    """Connections dropped machine-wide because a listen queue was full (``TcpExtListenOverflows``).
+
+    Each such client retries its handshake a second or more later, which shows
+    up as first tokens that wait seconds. None if ``/proc/net/netstat`` lacks it.
+    """
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            row = dict(zip(names.split()[1:], values.split()[1:], strict=True))
+            return int(row["ListenOverflows"]) if "ListenOverflows" in row else None
+    return None
 
 
 def machine_busy_seconds() -> tuple[float, float]:

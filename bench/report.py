@@ -262,6 +262,7 @@ def _cpu(runs: list[Run]) -> list[str]:
         "softirq",
         "other processes",
         "relay % of one core",
+        "listen overflows",
     ]
     rows = []
     for run in runs:
@@ -282,6 +283,7 @@ def _cpu(runs: list[Run]) -> list[str]:
                     _num(cpu.get("softirq"), 2),
                     _num(cpu["others"], 2),
                     "—" if relay is None else f"{100 * relay / part['wall_s']:.0f} %",
+                    _num(part.get("listen_overflows"), 0),
                 ]
             )
     notes = [
@@ -289,7 +291,9 @@ def _cpu(runs: list[Run]) -> list[str]:
         "CPU seconds used during each load run, from `/proc` (the load generator's include its start-up). "
         '"Softirq" is the kernel carrying packets (on loopback, mostly the benchmark\'s own), charged to no '
         'process. "Other processes" is the rest of the machine\'s busy time in `/proc/stat` over the same '
-        "wall time: work that is not the benchmark's, competing for the same cores.",
+        'wall time: work that is not the benchmark\'s, competing for the same cores. "Listen overflows" are '
+        "connections the kernel dropped during the run because a listen queue was full (machine-wide, from "
+        "`/proc/net/netstat`); each such client waits a second or more to retry, so any above 0 show in TTFT.",
     ]
     return _table(header, rows, text=2) + notes
 

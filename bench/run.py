@@ -244,6 +244,7 @@ class Bench:
         watched = {"mock": mock.pid} | ({"relay": relay.pid} if relay is not None else {})
         cpu_before = {name: procstat.process_cpu_seconds(pid) for name, pid in watched.items()}
         busy_before = procstat.machine_busy_seconds()
+        overflows_before = procstat.listen_overflows()
         runner_before = _own_cpu_seconds()
         sampler = None
         memory: dict[str, int] = {}
@@ -273,9 +274,12 @@ class Bench:
         cpu["softirq"] = softirq - busy_before[1]
         ours = cpu["loadgen"] + cpu["runner"] + cpu["softirq"] + sum(cpu[name] for name in watched)
         cpu["others"] = max(0.0, cpu["machine"] - ours)
+        overflows = procstat.listen_overflows()
         result: dict[str, Any] = {
             "load": report,
             "wall_s": round(wall, 2),
+            # Handshakes dropped for a full listen queue (the mock's or the relay's), machine-wide.
+            "listen_overflows": None if overflows is None or overflows_before is None else overflows - overflows_before,
             "cpu_s": _rounded(cpu),
             "busy_cores_before": round(busy_cores, 2),
             # The share of all cores' time other processes took during this run.
