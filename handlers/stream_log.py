@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 EVENT_TYPES = ("meta", "reasoning", "content", "tool_call", "done", "error")
 _CODES = {kind: code for code, kind in enumerate(EVENT_TYPES)}
 
-# How much JSON text one read returns at most (about one write slice of a sink):
+# How much JSON text one read returns (framed, one or two write slices of a sink):
 # a reader resuming a long backlog never holds the event loop for long.
 READ_BYTES = 48 * 1024
 
@@ -84,11 +84,13 @@ class StreamLog(ABC):
     async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
         """The events after sequence number ``after`` (None if there are none yet), and whether the log is finished.
 
-        At most about ``max_bytes`` of JSON text, but always at least one
-        event when there is one: a reader far behind catches up in bounded
-        steps, and a check that something is there (``max_bytes=0``) costs
-        one event. Raises :class:`LogGap` if the first of them is no longer
-        kept, and :class:`ValueError` if ``after`` is beyond the last event.
+        The events run until their JSON text reaches ``max_bytes`` (so past it
+        by at most one event), or to the newest: a reader far behind catches
+        up in bounded steps, and a check that something is there
+        (``max_bytes=0``) costs one event. A read can stop short of a finished
+        log's end, so a reader is done only when it gets None and finished.
+        Raises :class:`LogGap` if the first of them is no longer kept, and
+        :class:`ValueError` if ``after`` is beyond the last event.
         """
 
     @abstractmethod
@@ -122,8 +124,9 @@ class MemoryStreamLog(StreamLog):
 
     The kept events' JSON texts sit back to back in one ``bytearray``, their
     end offsets in an ``array`` and their types in a ``bytearray`` of codes:
-    9 bytes per event beyond its text (and what the containers over-allocate
-    as they grow, up to about an eighth more), nothing for the garbage collector
+    9 bytes per event beyond its text (plus what the containers over-allocate
+    as they grow, and until they are compacted the entries of up to as many
+    dropped events), nothing for the garbage collector
     to walk, and no small allocation kept per event (orjson's output is cut
     down from a 1 KiB buffer, so keeping each one would pin that much heap).
     """
@@ -151,15 +154,16 @@ class MemoryStreamLog(StreamLog):
         return len(self._texts) + _EVENT_OVERHEAD * (self._last + 1 - self._first)
 
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
-        # Every type is looked up before anything changes, so a bad one leaves the log as it was.
-        new_codes = [_CODES[kind] for kind, _ in events]
-        texts, ends = self._texts, self._ends
-        start = end = self._dropped + len(texts)
+        # Types and texts are taken before anything changes, so a bad event leaves the log as it was.
+        new_codes = bytes([_CODES[kind] for kind, _ in events])
+        new_texts = b"".join([data for _, data in events])
+        ends = self._ends
+        start = end = self._dropped + len(self._texts)
         for _, data in events:
-            texts += data
             end += len(data)
             ends.append(end)
-        self._codes += bytes(new_codes)
+        self._texts += new_texts
+        self._codes += new_codes
         appended = Events(self._last + 1, events)
         self._last += len(events)
         self._store._grew(self, end - start + _EVENT_OVERHEAD * len(events))
@@ -183,8 +187,10 @@ class MemoryStreamLog(StreamLog):
         start = ends[first - 1] if first > self._head else dropped
         # The last event to return: the first whose text reaches max_bytes, or the newest.
         last = bisect_left(ends, start + max_bytes, first, len(ends) - 1) if max_bytes else first
-        # One copy of the whole run, then one per event: slicing a bytearray would copy twice.
-        run = bytes(self._texts[start - dropped : ends[last] - dropped])
+        # One copy of the whole run, then one per event. The view is released at once:
+        # a bytearray with a live view cannot grow.
+        with memoryview(self._texts) as texts:
+            run = bytes(texts[start - dropped : ends[last] - dropped])
         offset = start
         items = []
         for i in range(first, last + 1):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from helpers import ROOT, clean_env, parse_sse, start_server, stop_server
 
 
@@ -51,8 +52,12 @@ async def test_a_bad_setting_exits_with_status_2_and_a_message() -> None:
     assert b"Traceback" not in err
 
 
-# The kernel caps every listen queue at this (4096 by default since Linux 5.4).
-SOMAXCONN = int(Path("/proc/sys/net/core/somaxconn").read_text())
+def _somaxconn() -> int | None:
+    """The kernel's cap on every listen queue (4096 by default since Linux 5.4); None off Linux."""
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except OSError:
+        return None
 
 
 async def _connections_taken_while_paused(process: asyncio.subprocess.Process, port: int, count: int) -> int:
@@ -65,7 +70,10 @@ async def _connections_taken_while_paused(process: asyncio.subprocess.Process, p
 
         async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
             try:
-                async with asyncio.timeout(0.5):
+                # Long enough for the test's own loop to finish every handshake the kernel
+                # queued; the rest cannot get in while the server is stopped (their retries
+                # find the queue as full as before).
+                async with asyncio.timeout(2):
                     return await asyncio.open_connection("127.0.0.1", port)
             except TimeoutError:
                 return None
@@ -89,16 +97,21 @@ async def _connections_taken_while_paused(process: asyncio.subprocess.Process, p
 async def test_a_burst_of_connections_waits_in_the_queue_while_the_server_is_busy() -> None:
     # Thousands of clients connecting at once find the server busy; with a short listen
     # queue (aiohttp's default is 128) the ones that overflow it wait a second or more.
+    cap = _somaxconn()
+    if cap is None or cap < 400:
+        pytest.skip(f"the kernel caps listen queues at {cap}, too short to tell 2048 from aiohttp's 128")
     process, port, _ = await start_server()
     try:
         taken = await _connections_taken_while_paused(process, port, 400)
     finally:
         await stop_server(process)
 
-    assert taken == min(400, SOMAXCONN + 1)
+    assert taken == 400
 
 
 async def test_the_listen_queue_is_as_long_as_backlog_says() -> None:
+    if _somaxconn() is None:
+        pytest.skip("needs Linux's listen queue")
     process, port, _ = await start_server("--backlog", "16")
     try:
         taken = await _connections_taken_while_paused(process, port, 100)

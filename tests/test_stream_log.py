@@ -217,3 +217,13 @@ async def test_a_stream_long_past_its_budget_reads_right_and_keeps_no_bookkeepin
 
     assert log.size <= 4 * KIB
     assert used < 4 * (4 * KIB), "20,000 events went through; only the last 4 KiB of them may cost memory"
+
+
+async def test_an_event_whose_text_is_not_bytes_is_refused_and_leaves_the_log_as_it_was() -> None:
+    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    await log.append([event(1)])
+
+    with pytest.raises(TypeError):
+        await log.append([event(2), ("content", '{"text":"a str"}')])  # type: ignore[list-item]
+
+    assert list((await log.read(0))[0] or []) == [(1, *event(1))]
