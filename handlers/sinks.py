@@ -6,6 +6,12 @@ in one write. SSE responses are aiohttp-sse's: its headers, keep-alive
 comments, TCP user timeout and lifecycle; the ``id`` of each event is
 ``<stream-id>:<seq>``, and the event with ``seq`` 1 carries ``retry:``.
 
+Each event costs the relay a socket write, and on loopback or a VM a write
+is among the dearest things it does, so a stream spends as few as it can:
+its headers leave with its first events (when these are about to be
+written), and its last event (``done`` or ``error``) with the end of the
+chunked body.
+
 A client that went away surfaces as :class:`ClientGone`, whatever the
 transport said. A client that stops reading blocks a write; the sinks carry
 no timer per write for that (it is the hot path): each notes when its pending
@@ -32,6 +38,24 @@ _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _WRITE_SLICE = 64 * 1024
 # The lines of an SSE event after its id.
 _FIELDS = {kind: f"event: {kind}\ndata: ".encode() for kind in EVENT_TYPES}
+# The events a stream's log ends with: nothing is written after them.
+_LAST_KINDS = frozenset({"done", "error"})
+
+
+class _HeldSSEResponse(EventSourceResponse):
+    """aiohttp-sse's response, whose headers wait for the first write and go out with it.
+
+    aiohttp sends a streaming response's headers at ``prepare`` unless the
+    class says otherwise (its ``Response`` holds them the same way).
+    """
+
+    _send_headers_immediately = False
+
+
+class _HeldResponse(web.StreamResponse):
+    """A streaming response whose headers go out with its first write."""
+
+    _send_headers_immediately = False
 
 
 class EventSink:
@@ -89,12 +113,19 @@ class EventSink:
         if transport is not None:
             transport.abort()
 
-    async def _write(self, data: bytes | bytearray) -> None:
+    async def _write(self, data: bytes, last: bool = False) -> None:
+        """Write ``data``; with ``last``, end the response's body in the same write."""
+        response = self.response
+        size = len(data)
         try:
             # In slices, so that a client that keeps reading a long backlog never looks stalled.
-            for start in range(0, len(data), _WRITE_SLICE):
+            for start in range(0, size, _WRITE_SLICE):
+                chunk = data if size <= _WRITE_SLICE else data[start : start + _WRITE_SLICE]
                 self.write_started = self._loop.time()
-                await self.response.write(data[start : start + _WRITE_SLICE] if len(data) > _WRITE_SLICE else data)
+                if last and start + _WRITE_SLICE >= size:
+                    await response.write_eof(chunk)
+                else:
+                    await response.write(chunk)
         except (ConnectionError, RuntimeError) as exc:
             # RuntimeError: aiohttp refuses writes once the connection is closed.
             raise ClientGone() from exc
@@ -125,7 +156,7 @@ class SSESink(EventSink):
             frames += (prefix, str(seq).encode(), b"\n", _FIELDS[kind], data, b"\n\n")
         if events.first == 1:
             frames[2] = self._retry  # the line after the stream's first id
-        await self._write(b"".join(frames))
+        await self._write(b"".join(frames), events.items[-1][0] in _LAST_KINDS)
 
     async def send(self, event: dict[str, Any]) -> None:
         try:
@@ -143,7 +174,8 @@ class NDJSONSink(EventSink):
     """Events as ``application/x-ndjson``: one JSON object per line."""
 
     async def send_events(self, events: Events) -> None:
-        await self._write(b"".join([data + b"\n" for _, data in events.items]))
+        items = events.items
+        await self._write(b"".join([data + b"\n" for _, data in items]), items[-1][0] in _LAST_KINDS)
 
     async def send(self, event: dict[str, Any]) -> None:
         await self._write(orjson.dumps(event) + b"\n")
@@ -157,14 +189,26 @@ async def open_sink(
     retry_ms: int,
     keepalive: float,
     stall_timeout: float,
+    events_due: bool,
 ) -> EventSink:
-    """Send the response headers and return the sink to write events to."""
+    """Start the response and return the sink to write events to.
+
+    With ``events_due`` (events are about to be written, e.g. a new stream's
+    ``meta``) the headers wait to leave with them; otherwise they go now, so
+    a client that resumed a quiet stream learns at once that it is connected.
+    """
+    response: web.StreamResponse
     if ndjson:
-        response = web.StreamResponse(headers=_STREAM_HEADERS)
+        response = _HeldResponse(headers=_STREAM_HEADERS)
         response.content_type = "application/x-ndjson"
         await response.prepare(request)
-        return NDJSONSink(request, response)
-    # send_timeout bounds aiohttp-sse's keep-alive writes and sets the socket's TCP user timeout.
-    sse = EventSourceResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
-    await sse.prepare(request)
-    return SSESink(request, sse, stream_id, retry_ms)
+        sink: EventSink = NDJSONSink(request, response)
+    else:
+        # send_timeout bounds aiohttp-sse's keep-alive writes and sets the socket's TCP user timeout.
+        sse = _HeldSSEResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
+        await sse.prepare(request)
+        sink = SSESink(request, sse, stream_id, retry_ms)
+        response = sse
+    if not events_due:
+        await response.write(b"")  # an empty write sends the held headers
+    return sink

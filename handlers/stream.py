@@ -49,7 +49,8 @@ async def start_stream(request: web.Request) -> web.StreamResponse:
     upstream = _upstream(request, config)
     # The access middleware names the client of every API request (token, or address via trusted proxies).
     generation = streams.start(request.config_dict[client_session_key], upstream, chat, request[client_key])
-    return await _follow(request, streams, generation.log, 0, ndjson)
+    # Its generation's first step appends the meta event, so the headers can wait for it.
+    return await _follow(request, streams, generation.log, 0, ndjson, events_due=True)
 
 
 async def resume_stream(request: web.Request) -> web.StreamResponse:
@@ -99,11 +100,11 @@ async def _resume(request: web.Request, streams: Streams, stream_id: str, after:
         # Nothing more will ever come: 204 tells an EventSource to stop reconnecting.
         return web.Response(status=204)
     streams.metrics.resumes.inc()
-    return await _follow(request, streams, log, after, ndjson)
+    return await _follow(request, streams, log, after, ndjson, events_due=events is not None)
 
 
 async def _follow(
-    request: web.Request, streams: Streams, log: StreamLog, after: int, ndjson: bool
+    request: web.Request, streams: Streams, log: StreamLog, after: int, ndjson: bool, *, events_due: bool
 ) -> web.StreamResponse:
     """Send the log's events after ``after`` to this connection until the stream ends."""
     config = request.config_dict[config_key]
@@ -114,6 +115,7 @@ async def _follow(
         retry_ms=config.retry_ms,
         keepalive=config.keepalive,
         stall_timeout=config.stall_timeout,
+        events_due=events_due,
     )
     reader = streams.attach(log.stream_id, sink)
     try:
