@@ -44,6 +44,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("relaying to %s, model %s", config.base_url, config.default_model)
     app = create_app(config)
     tune_process()
+    try:
+        _run(app, config)
+    except OSError as exc:
+        # Raised by the listen itself: the port is taken, needs privileges, or the address is not this host's.
+        logger.error("cannot listen on %s port %d: %s", config.host, config.port, exc.strerror or exc)
+        return 1
+    return 0
+
+
+def _run(app: web.Application, config: Config) -> None:
     web.run_app(
         app,
         host=config.host,
@@ -56,7 +66,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # few seconds to flush their last events before aiohttp cancels what is left.
         shutdown_timeout=config.shutdown_timeout + 5,
     )
-    return 0
 
 
 async def app_factory() -> web.Application:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -49,6 +50,23 @@ async def test_a_bad_setting_exits_with_status_2_and_a_message() -> None:
 
     assert process.returncode == 2
     assert b"absolute http" in err
+    assert b"Traceback" not in err
+
+
+async def test_a_port_already_in_use_exits_with_status_1_and_says_so() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "server.py", "--port", str(port), cwd=ROOT, env=clean_env(), stderr=asyncio.subprocess.PIPE
+        )
+        async with asyncio.timeout(20):
+            _, err = await process.communicate()
+
+    assert process.returncode == 1
+    assert f"cannot listen on 127.0.0.1 port {port}".encode() in err
+    assert b"in use" in err
     assert b"Traceback" not in err
 
 
