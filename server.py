@@ -44,28 +44,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.info("relaying to %s, model %s", config.base_url, config.default_model)
     app = create_app(config)
     tune_process()
+    listening = False
+
+    def announce(banner: str) -> None:
+        nonlocal listening
+        listening = True
+        _announce(banner)
+
     try:
-        _run(app, config)
+        web.run_app(
+            app,
+            host=config.host,
+            port=config.port,
+            backlog=config.backlog,
+            # No access log: GET /stream URLs carry the user's prompt.
+            access_log=None,
+            print=announce,
+            # The app drains its streams first (up to shutdown_timeout); then connections get a
+            # few seconds to flush their last events before aiohttp cancels what is left.
+            shutdown_timeout=config.shutdown_timeout + 5,
+        )
     except OSError as exc:
-        # Raised by the listen itself: the port is taken, needs privileges, or the address is not this host's.
-        logger.error("cannot listen on %s port %d: %s", config.host, config.port, exc.strerror or exc)
+        if listening:
+            raise
+        # The listen failed: the port is taken, needs privileges, or the address is not this host's.
+        logger.error("cannot start: %s", exc.strerror or exc)
         return 1
     return 0
-
-
-def _run(app: web.Application, config: Config) -> None:
-    web.run_app(
-        app,
-        host=config.host,
-        port=config.port,
-        backlog=config.backlog,
-        # No access log: GET /stream URLs carry the user's prompt.
-        access_log=None,
-        print=_announce,
-        # The app drains its streams first (up to shutdown_timeout); then connections get a
-        # few seconds to flush their last events before aiohttp cancels what is left.
-        shutdown_timeout=config.shutdown_timeout + 5,
-    )
 
 
 async def app_factory() -> web.Application:

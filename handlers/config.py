@@ -151,7 +151,7 @@ class Config:
     )
     stall_timeout: float = _setting(
         30.0,
-        "Seconds a client may leave a write unread before it is dropped (it can resume later).",
+        "Seconds a client may go without reading any of what it is sent before it is dropped (it can resume later).",
         env=["THINKSTREAM_STALL_TIMEOUT"],
         flag="--stall-timeout",
     )

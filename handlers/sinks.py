@@ -15,8 +15,13 @@ chunked body.
 A client that went away surfaces as :class:`ClientGone`, whatever the
 transport said. A client that stops reading blocks a write; the sinks carry
 no timer per write for that (it is the hot path): each notes when its pending
-write began, and the streams' watchdog aborts the connection once that is
-longer ago than the stall timeout.
+write began, and the streams' watchdog aborts the connection once the write
+has gone without progress (the client taking none of its bytes) for longer
+than the stall timeout.
+
+Every write holds whole events, so that aiohttp-sse's keep-alive comment,
+which may go out while a write waits for a slow client, always falls between
+two events; and the keep-alive stops before the write that ends the body.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ from .stream_log import EVENT_TYPES, Events
 __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 
 _STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-# The most one write hands the transport; the stall timeout applies to each.
-_WRITE_SLICE = 64 * 1024
+# The most the generation writes to a reader's connection itself (see ``EventSink.ready``).
+_DIRECT_WRITE_BYTES = 64 * 1024
 # The lines of an SSE event after its id.
 _FIELDS = {kind: f"event: {kind}\ndata: ".encode() for kind in EVENT_TYPES}
 # The events a stream's log ends with: nothing is written after them.
@@ -65,8 +70,10 @@ class EventSink:
         self.response = response
         self._request = request
         self._loop = asyncio.get_running_loop()
-        # When the write now pending began (loop time), or None when no write is pending.
+        # When the write now pending began, or last made progress (loop time); None when no write is pending.
         self.write_started: float | None = None
+        # The transport's unsent bytes when the watchdog last looked at the pending write.
+        self._unsent: int | None = None
 
     async def send_events(self, events: Events) -> None:
         """Send events from the log, in order, in one write."""
@@ -90,7 +97,7 @@ class EventSink:
         transport = self._request.transport
         return (
             self.write_started is None
-            and size <= _WRITE_SLICE
+            and size <= _DIRECT_WRITE_BYTES
             and transport is not None
             and not transport.is_closing()
             and not transport.get_write_buffer_size()
@@ -103,9 +110,23 @@ class EventSink:
         return transport is None or transport.is_closing()
 
     def stalled(self, now: float, limit: float) -> bool:
-        """Whether one write has been waiting for the client to read for more than ``limit`` seconds."""
-        started = self.write_started
-        return started is not None and now - started > limit
+        """Whether the pending write has waited more than ``limit`` seconds without the client taking any of it.
+
+        Called by the watchdog every tick: a client that keeps reading a long
+        backlog, however slowly, is not stalled.
+        """
+        if self.write_started is None:
+            return False
+        transport = self._request.transport
+        unsent = transport.get_write_buffer_size() if transport is not None else 0
+        if self._unsent is not None and unsent < self._unsent:
+            self.write_started = now
+        self._unsent = unsent
+        return now - self.write_started > limit
+
+    async def send_headers(self) -> None:
+        """Send the response's headers now, ahead of any event."""
+        await self._write(b"")
 
     def abort(self) -> None:
         """Drop the connection: a stalled peer never drains its buffer, so a graceful close would hang."""
@@ -114,18 +135,14 @@ class EventSink:
             transport.abort()
 
     async def _write(self, data: bytes, last: bool = False) -> None:
-        """Write ``data``; with ``last``, end the response's body in the same write."""
-        response = self.response
-        size = len(data)
+        """Write ``data`` (whole events) in one write; with ``last``, end the response's body in the same write."""
+        self.write_started = self._loop.time()
+        self._unsent = None
         try:
-            # In slices, so that a client that keeps reading a long backlog never looks stalled.
-            for start in range(0, size, _WRITE_SLICE):
-                chunk = data if size <= _WRITE_SLICE else data[start : start + _WRITE_SLICE]
-                self.write_started = self._loop.time()
-                if last and start + _WRITE_SLICE >= size:
-                    await response.write_eof(chunk)
-                else:
-                    await response.write(chunk)
+            if last:
+                await self.response.write_eof(data)
+            else:
+                await self.response.write(data)
         except (ConnectionError, RuntimeError) as exc:
             # RuntimeError: aiohttp refuses writes once the connection is closed.
             raise ClientGone() from exc
@@ -156,12 +173,17 @@ class SSESink(EventSink):
             frames += (prefix, str(seq).encode(), b"\n", _FIELDS[kind], data, b"\n\n")
         if events.first == 1:
             frames[2] = self._retry  # the line after the stream's first id
-        await self._write(b"".join(frames), events.items[-1][0] in _LAST_KINDS)
+        last = events.items[-1][0] in _LAST_KINDS
+        if last:
+            # No keep-alive comment may follow the body's end while that write waits for the client.
+            self._sse.stop_streaming()
+        await self._write(b"".join(frames), last)
 
     async def send(self, event: dict[str, Any]) -> None:
         try:
             await self._sse.send(orjson.dumps(event).decode(), event=event["type"])
-        except (ConnectionError, TimeoutError) as exc:
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            # RuntimeError: aiohttp refuses writes once the connection is closed or the body has ended.
             raise ClientGone() from exc
 
     async def close(self) -> None:
@@ -189,26 +211,18 @@ async def open_sink(
     retry_ms: int,
     keepalive: float,
     stall_timeout: float,
-    events_due: bool,
 ) -> EventSink:
     """Start the response and return the sink to write events to.
 
-    With ``events_due`` (events are about to be written, e.g. a new stream's
-    ``meta``) the headers wait to leave with them; otherwise they go now, so
-    a client that resumed a quiet stream learns at once that it is connected.
+    The headers wait to leave with the first write; a caller with no events
+    to send at once calls :meth:`EventSink.send_headers`.
     """
-    response: web.StreamResponse
     if ndjson:
         response = _HeldResponse(headers=_STREAM_HEADERS)
         response.content_type = "application/x-ndjson"
         await response.prepare(request)
-        sink: EventSink = NDJSONSink(request, response)
-    else:
-        # send_timeout bounds aiohttp-sse's keep-alive writes and sets the socket's TCP user timeout.
-        sse = _HeldSSEResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
-        await sse.prepare(request)
-        sink = SSESink(request, sse, stream_id, retry_ms)
-        response = sse
-    if not events_due:
-        await response.write(b"")  # an empty write sends the held headers
-    return sink
+        return NDJSONSink(request, response)
+    # send_timeout bounds aiohttp-sse's keep-alive writes and sets the socket's TCP user timeout.
+    sse = _HeldSSEResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
+    await sse.prepare(request)
+    return SSESink(request, sse, stream_id, retry_ms)

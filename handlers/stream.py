@@ -14,6 +14,7 @@ Bad input is refused with a JSON error before any stream starts.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 from aiohttp import web
 
@@ -28,6 +29,8 @@ from .stream_log import LogGap, StreamLog
 from .upstream import Upstream
 
 __all__ = ["DEMO_ROUTE", "cancel_stream", "resume_stream", "start_stream"]
+
+logger = logging.getLogger(__name__)
 
 # The route name of the embedded demo model's chat endpoint.
 DEMO_ROUTE = "demo-chat-completions"
@@ -115,16 +118,24 @@ async def _follow(
         retry_ms=config.retry_ms,
         keepalive=config.keepalive,
         stall_timeout=config.stall_timeout,
-        events_due=events_due,
     )
     reader = streams.attach(log.stream_id, sink)
     try:
+        if not events_due:
+            # Nothing to send yet: the client learns at once that it is connected.
+            await sink.send_headers()
         await reader.follow(log, after)
     except ClientGone:
         pass
     except LogGap:
         # This reader fell further behind than the stream's buffer reaches.
         error = RelayError("this connection fell too far behind; the events it missed are gone", code="resume_gap")
+        with contextlib.suppress(ClientGone):
+            await sink.send(error.event())
+    except Exception:
+        # The response has begun, so the JSON error answer is no longer possible: an error event instead.
+        logger.exception("sending stream %s to a client failed", log.stream_id)
+        error = RelayError("the relay failed unexpectedly; see the server log")
         with contextlib.suppress(ClientGone):
             await sink.send(error.event())
     finally:

@@ -65,7 +65,7 @@ async def test_a_port_already_in_use_exits_with_status_1_and_says_so() -> None:
             _, err = await process.communicate()
 
     assert process.returncode == 1
-    assert f"cannot listen on 127.0.0.1 port {port}".encode() in err
+    assert f"cannot start: error while attempting to bind on address ('127.0.0.1', {port})".encode() in err
     assert b"in use" in err
     assert b"Traceback" not in err
 
