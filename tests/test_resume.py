@@ -572,3 +572,41 @@ async def test_a_client_that_resumes_within_the_grace_time_finds_the_generation_
 
     assert_whole_stream(before + after)
     assert after[-1].event == "done"
+
+
+class _LogThatFailsToRead:
+    """A stream's log whose reads for sending fail, as a bug in the relay would (its resume check still works)."""
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
+
+    async def read(self, after: int, max_bytes: int = 1) -> Any:
+        if max_bytes == 0:
+            return await self._log.read(after, max_bytes=0)
+        raise KeyError("a bug in the relay")
+
+
+@pytest.mark.parametrize("fmt", ["sse", "ndjson"])
+async def test_a_failure_in_the_relay_after_a_resume_began_ends_it_with_an_error_event(
+    relay_to: RelayFactory, provider: FakeProvider, caplog: pytest.LogCaptureFixture, fmt: str
+) -> None:
+    # Once a response has begun, a JSON error answer is no longer possible: the stream's own error event it is.
+    provider.reply = paced_answer(delay=0)
+    client = await relay_to()
+    events = await read_all(client, "/stream", params={"prompt": "hi"})
+    store = client.app[streams_key].store
+    log = store.get(events[0].data["stream"])
+    store.get = lambda stream_id: _LogThatFailsToRead(log)  # type: ignore[method-assign]
+
+    async with client.get(f"/stream/{log.stream_id}", params={"format": fmt}) as response:
+        assert response.status == 200
+        body = await response.read()
+
+    error = parse_sse(body)[0].data if fmt == "sse" else orjson.loads(body)
+    assert error["type"] == "error"
+    assert error["code"] == "internal_error"
+    assert "a bug in the relay" not in error["message"]
+    assert "a bug in the relay" in caplog.text

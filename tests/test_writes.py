@@ -249,3 +249,29 @@ async def test_a_slow_but_steady_reader_of_one_long_event_is_not_taken_for_a_sta
     assert types(events) == ["meta", "content", "done"]
     assert text_of(events, "content") == "y" * 900_000
     assert took > 2
+
+
+async def test_clients_that_drop_at_once_leave_no_error_in_the_log(
+    relay_to: RelayFactory, provider: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    # New streams, and resumes of a quiet stream (whose headers go out alone), each dropped with a reset at once.
+    provider.reply = two_reads(pause=5)
+    client = await relay_to()
+    port = client.server.port
+    assert port is not None
+    first = await raw_request(port, "/stream?prompt=hi")
+    with first:
+        seen = await read_until(first, rb'"text":"Hel"', within=5)
+        stream_id = re.search(rb"id: ([\w-]+):2\n", seen)[1].decode()  # type: ignore[index]
+        for path, headers in [
+            (f"/stream/{stream_id}", {"Last-Event-ID": f"{stream_id}:2"}),
+            (f"/stream/{stream_id}?format=ndjson", {"Last-Event-ID": f"{stream_id}:2"}),
+            ("/stream?prompt=hi", {}),
+        ]:
+            for _ in range(10):
+                sock = await raw_request(port, path, headers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.close()
+        await asyncio.sleep(0.5)
+
+    assert not [record for record in caplog.records if record.levelname == "ERROR"], caplog.text
