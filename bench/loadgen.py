@@ -5,7 +5,7 @@
 ``direct`` posts to the mock provider's ``/v1/chat/completions`` (the physical
 limit of this machine); ``relay`` posts ``{"messages": […]}`` to thinkstream's
 ``/stream``. Both answers are parsed with the relay's own spec-exact
-:class:`~handlers.sse_decoder.SSEDecoder`.
+:class:`~handlers.provider.sse_decoder.SSEDecoder`.
 
 Tokens are counted by the stamps in their text (``t<index>@<ns> ``, see
 ``bench.mock_upstream``), never by events, because the relay may merge deltas
@@ -36,7 +36,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from handlers.sse_decoder import SSEDecoder
+from handlers.provider.sse_decoder import SSEDecoder
 
 from ._runtime import is_loopback, raise_nofile_limit, run, uvloop_version
 

@@ -17,14 +17,15 @@ import aiohttp_cors
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from . import demo, ops, page
-from .access import Access, client_key
 from .config import Config
 from .errors import RelayError, error_response, http_error_response
-from .generation import Streams
 from .keys import access_key, client_session_key, config_key, streams_key
-from .stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
-from .stream_log import MemoryStreamStore
+from .provider import demo
+from .routes import ops, page
+from .routes.access import Access, client_key
+from .routes.stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
+from .stores.memory import MemoryStreamStore
+from .streams.generation import Streams
 
 __all__ = ["create_app"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from .access import Access
 from .config import Config
-from .generation import Streams
+from .routes.access import Access
+from .streams.generation import Streams
 
 __all__ = ["access_key", "client_session_key", "config_key", "streams_key"]
 

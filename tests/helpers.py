@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from handlers.sse_decoder import SSEDecoder
+from handlers.provider.sse_decoder import SSEDecoder
 
 DATA = Path(__file__).parent / "data"
 

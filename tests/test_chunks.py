@@ -10,8 +10,8 @@ from helpers import TRANSCRIPTS, transcript
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.chunks import ChunkTranslator, normalize_usage
-from handlers.sse_decoder import ServerSentEvent, SSEDecoder
+from handlers.provider.chunks import ChunkTranslator, normalize_usage
+from handlers.provider.sse_decoder import ServerSentEvent, SSEDecoder
 
 
 def relay_events(pieces: list[bytes]) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import re
 
 from helpers import RelayFactory, collect, text_of, types
 
-from handlers.demo import demo_tokens
+from handlers.provider.demo import demo_tokens
 
 
 async def test_default_run_streams_reasoning_then_a_markdown_answer(relay: RelayFactory) -> None:

@@ -26,9 +26,9 @@ from helpers import Received, RelayFactory, chunk, collect, eventually, kinds, p
 
 from handlers.app import create_app
 from handlers.config import Config
-from handlers.generation import Streams
 from handlers.keys import streams_key
-from handlers.sse_decoder import SSEDecoder
+from handlers.provider.sse_decoder import SSEDecoder
+from handlers.streams.generation import Streams
 
 Client = TestClient[web.Request, web.Application]
 

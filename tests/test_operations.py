@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.config import Config
 from handlers.keys import streams_key
-from handlers.upstream import Upstream
+from handlers.provider.upstream import Upstream
 
 Client = TestClient[web.Request, web.Application]
 
@@ -588,7 +588,9 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 def stream_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str | None]]:
     """The fields of each "stream ended" line, in order."""
     records = [
-        r for r in caplog.records if r.name == "handlers.generation" and r.getMessage().startswith("stream ended")
+        r
+        for r in caplog.records
+        if r.name == "handlers.streams.generation" and r.getMessage().startswith("stream ended")
     ]
     return [logfmt(r.getMessage().removeprefix("stream ended")) for r in records]
 

@@ -26,8 +26,8 @@ from helpers import ROOT, FakeProvider, Reply, chunk, sse
 
 from handlers.app import create_app
 from handlers.config import Config
-from handlers.demo import demo_tokens
 from handlers.keys import streams_key
+from handlers.provider.demo import demo_tokens
 
 # Milliseconds: generous, because Chromium, the relay and the test share two cores.
 WAIT = 20_000

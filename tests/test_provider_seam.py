@@ -7,7 +7,7 @@ import asyncio
 import aiohttp
 from helpers import FakeProvider, Reply, chunk, sse
 
-from handlers.upstream import Upstream, stream_chat
+from handlers.provider.upstream import Upstream, stream_chat
 
 
 async def test_time_the_caller_spends_on_a_batch_never_counts_as_the_provider_going_silent(

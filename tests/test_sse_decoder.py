@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.sse_decoder import LineTooLong, ServerSentEvent, SSEDecoder
+from handlers.provider.sse_decoder import LineTooLong, ServerSentEvent, SSEDecoder
 
 DATA = Path(__file__).parent / "data"
 TRANSCRIPTS = sorted(DATA.glob("*.sse"))

@@ -6,7 +6,8 @@ import tracemalloc
 
 import pytest
 
-from handlers.stream_log import Events, LogGap, MemoryStreamStore
+from handlers.stores.log import Events, LogGap
+from handlers.stores.memory import MemoryStreamStore
 
 KIB = 1024
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from handlers.think_tags import ThinkSplitter
+from handlers.provider.think_tags import ThinkSplitter
 
 ANSWER = "<think>reasoning here</think>\n\nThe answer <b>x</b>"
 

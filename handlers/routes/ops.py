@@ -9,7 +9,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .keys import client_session_key, config_key, streams_key
+from ..keys import client_session_key, config_key, streams_key
 
 __all__ = ["healthz", "metrics", "models", "readyz"]
 

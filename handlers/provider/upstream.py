@@ -18,8 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .chunks import ChunkTranslator, Event, coalesce
-from .errors import (
+from ..errors import (
     UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
@@ -27,6 +26,7 @@ from .errors import (
     UpstreamTimeout,
     redact,
 )
+from .chunks import ChunkTranslator, Event, coalesce
 from .sse_decoder import SSEDecoder
 
 __all__ = ["Upstream", "stream_chat"]

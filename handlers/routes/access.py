@@ -21,8 +21,8 @@ from aiohttp import web
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
-from .config import Config
-from .errors import RelayError
+from ..config import Config
+from ..errors import RelayError
 
 __all__ = ["Access", "client_key"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from .errors import UpstreamError, UpstreamProtocolError
+from ..errors import UpstreamError, UpstreamProtocolError
 from .sse_decoder import ServerSentEvent
 from .think_tags import ThinkSplitter
 

@@ -14,8 +14,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from .config import Config
-from .errors import RequestError
+from ..config import Config
+from ..errors import RequestError
 
 __all__ = ["ChatRequest", "read_chat_request"]
 

@@ -11,7 +11,7 @@ from aiohttp import web
 
 __all__ = ["SECURITY_HEADERS", "STATIC_DIR", "index"]
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
 
 SECURITY_HEADERS = {
     # No inline script anywhere: model output that slips into the DOM cannot run.

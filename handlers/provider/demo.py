@@ -22,8 +22,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .config import DEMO_MODEL
-from .keys import config_key
+from ..config import DEMO_MODEL
+from ..keys import config_key
 
 __all__ = ["chat_completions", "demo_tokens", "models"]
 

@@ -33,8 +33,8 @@ import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
-from .errors import ClientGone
-from .stream_log import EVENT_TYPES, Events
+from ..errors import ClientGone
+from ..stores.log import EVENT_TYPES, Events
 
 __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 

@@ -23,13 +23,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from .chat_request import ChatRequest
-from .config import Config
-from .errors import ClientGone, RelayError, UpstreamError
-from .metrics import Metrics
+from ..config import Config
+from ..errors import ClientGone, RelayError, UpstreamError
+from ..metrics import Metrics
+from ..provider.upstream import Upstream, stream_chat
+from ..routes.chat_request import ChatRequest
+from ..stores.log import StreamLog, StreamStore
 from .sinks import EventSink
-from .stream_log import StreamLog, StreamStore
-from .upstream import Upstream, stream_chat
 
 __all__ = ["Generation", "Reader", "Streams", "cancelled", "server_shutdown"]
 

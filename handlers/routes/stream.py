@@ -18,15 +18,15 @@ import logging
 
 from aiohttp import web
 
+from ..config import Config
+from ..errors import ClientGone, RelayError, RequestError
+from ..keys import client_session_key, config_key, streams_key
+from ..provider.upstream import Upstream
+from ..stores.log import LogGap, StreamLog
+from ..streams.generation import Streams, server_shutdown
+from ..streams.sinks import open_sink
 from .access import client_key
 from .chat_request import read_chat_request
-from .config import Config
-from .errors import ClientGone, RelayError, RequestError
-from .generation import Streams, server_shutdown
-from .keys import client_session_key, config_key, streams_key
-from .sinks import open_sink
-from .stream_log import LogGap, StreamLog
-from .upstream import Upstream
 
 __all__ = ["DEMO_ROUTE", "cancel_stream", "resume_stream", "start_stream"]
 

@@ -1,0 +1,1 @@
+"""The HTTP side: the stream routes, request validation, access control, operations and the page."""

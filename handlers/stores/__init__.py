@@ -1,0 +1,1 @@
+"""Where stream logs live: the interfaces, and the stores that implement them."""
