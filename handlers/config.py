@@ -176,7 +176,8 @@ class Config:
     )
     max_line_bytes: int = _setting(
         1 << 20,
-        "Longest line accepted from the provider's stream, in bytes.",
+        "Longest line accepted from the provider's stream, in bytes; the data lines of one event together "
+        "are held to the same bound.",
         env=["THINKSTREAM_MAX_LINE_BYTES"],
         flag="--max-line-bytes",
     )

@@ -442,6 +442,36 @@ async def test_a_line_within_max_line_bytes_is_relayed(relay_to: RelayFactory, p
     assert types(events) == ["meta", "content", "done"]
 
 
+async def test_a_provider_that_never_ends_its_event_is_upstream_line_too_long_and_hung_up_on(
+    aiohttp_server: AiohttpServer, relay: RelayFactory
+) -> None:
+    # Data lines and never the blank line that ends an event: bytes keep coming, so no timeout fires.
+    hung_up = asyncio.Event()
+
+    async def endless_event(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"data: " + b"x" * 1000 + b"\n")
+        except (ConnectionError, asyncio.CancelledError):
+            hung_up.set()
+            raise
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", endless_event)
+    server = await aiohttp_server(app)
+    client = await relay(base_url=str(server.make_url("/v1")), model="m", max_line_bytes=64 * 1024)
+    async with asyncio.timeout(10):
+        events = await ask(client)
+        await hung_up.wait()
+
+    assert types(events) == ["meta", "error"]
+    error = the_error(events)
+    assert (error["code"], error["retryable"]) == ("upstream_line_too_long", False)
+    assert str(64 * 1024) in error["message"]
+
+
 # Failures after the first token.
 
 MID_STREAM_FAILURES = [
