@@ -24,6 +24,7 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "error_response",
+    "excerpt",
     "redact",
 ]
 
@@ -163,14 +164,50 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
 
 # Things shaped like API keys (sk-…, including masked ones such as "sk-proj-****abcd").
 _KEY_SHAPES = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_*\-]{6,}")
+# The shortest run of the key's characters that is taken for a piece of it.
+KEY_RUN = 10
+# How far past a cut ``excerpt`` looks, so that a key shape the cut would split is still recognised.
+_EXCERPT_SLACK = 256
 
 
 def redact(text: str, secret: str | None) -> str:
-    """``text`` without ``secret`` or anything shaped like an API key.
+    """``text`` without ``secret``, any run of ``KEY_RUN`` of its characters, or anything shaped like an API key.
 
     Providers echo keys in their error messages (OpenAI: "Incorrect API key
-    provided: sk-proj-****abcd"), and those messages are relayed to clients.
+    provided: sk-proj-****abcd"), whole, masked or cut short, and those
+    messages are relayed to clients.
     """
     if secret:
-        text = text.replace(secret, "[redacted]")
+        text = _without_runs_of(secret, text)
     return _KEY_SHAPES.sub("[redacted]", text)
+
+
+def excerpt(text: str, limit: int, secret: str | None) -> str:
+    """The first ``limit`` characters of ``text``, redacted before the cut (a key cut short is not recognised)."""
+    return redact(text[: limit + _EXCERPT_SLACK], secret)[:limit]
+
+
+def _without_runs_of(secret: str, text: str) -> str:
+    """``text`` with each stretch made of runs of ``KEY_RUN`` characters of ``secret`` replaced, once."""
+    if len(secret) < KEY_RUN:
+        return text.replace(secret, "[redacted]")
+    spans: list[tuple[int, int]] = []
+    for start in range(len(secret) - KEY_RUN + 1):
+        run = secret[start : start + KEY_RUN]
+        at = text.find(run)
+        while at >= 0:
+            spans.append((at, at + KEY_RUN))
+            at = text.find(run, at + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    kept = 0  # text[:kept] is in out
+    start, end = spans[0]
+    for next_start, next_end in spans[1:]:
+        if next_start > end:
+            out += (text[kept:start], "[redacted]")
+            kept, start = end, next_start
+        end = max(end, next_end)
+    out += (text[kept:start], "[redacted]", text[end:])
+    return "".join(out)

@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ class Reply:
     # Sizes of the network writes; the rest of the body goes in the last one.
     chunks: Sequence[int] = ()
     delay: float = 0.0
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def error(cls, status: int, payload: Any) -> Reply:
@@ -64,7 +65,9 @@ class FakeProvider:
         self.requests.append(await request.json())
         self.headers.append(dict(request.headers))
         reply = self.reply
-        response = web.StreamResponse(status=reply.status, headers={"Content-Type": reply.content_type})
+        response = web.StreamResponse(
+            status=reply.status, headers={"Content-Type": reply.content_type, **reply.headers}
+        )
         await response.prepare(request)
         for piece in _split(reply.body, reply.chunks):
             await response.write(piece)

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import UpstreamError, UpstreamProtocolError
+from ..errors import UpstreamError, UpstreamProtocolError, excerpt
 from .sse_decoder import ServerSentEvent
 from .think_tags import ThinkSplitter
 
@@ -26,9 +26,11 @@ Event = dict[str, Any]
 class ChunkTranslator:
     """Stateful: one per upstream response."""
 
-    __slots__ = ("_think", "done", "error", "finish_reason", "usage")
+    __slots__ = ("_secret", "_think", "done", "error", "finish_reason", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, secret: str | None = None) -> None:
+        # The provider's key, kept out of the provider's words quoted in errors.
+        self._secret = secret
         self.done = False
         # An in-band error stops the translation; events before it still count.
         self.error: UpstreamError | None = None
@@ -56,7 +58,7 @@ class ChunkTranslator:
             if self.done or self.error is not None:
                 break
             if sse.event == "error":
-                raise _in_band_error(sse.data)
+                raise _in_band_error(sse.data, self._secret)
             if sse.event != "message":
                 continue  # No OpenAI-compatible provider sends others; ignore, as a browser would.
             data = sse.data
@@ -68,14 +70,16 @@ class ChunkTranslator:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
                 raise UpstreamProtocolError(
-                    f"the provider sent a line that is not JSON: {data[:200]!r}", code="upstream_bad_json"
+                    f"the provider sent a line that is not JSON: {excerpt(data, 200, self._secret)!r}",
+                    code="upstream_bad_json",
                 ) from None
             if not isinstance(chunk, dict):
                 raise UpstreamProtocolError(
-                    f"the provider sent JSON that is not an object: {data[:200]!r}", code="upstream_bad_json"
+                    f"the provider sent JSON that is not an object: {excerpt(data, 200, self._secret)!r}",
+                    code="upstream_bad_json",
                 )
             if chunk.get("error") is not None:
-                raise _error_from_object(chunk)
+                raise _error_from_object(chunk, self._secret)
             self._chunk(chunk, out)
 
     def done_event(self) -> Event:
@@ -103,7 +107,7 @@ class ChunkTranslator:
             finish = choice.get("finish_reason")
             if isinstance(finish, str) and finish:
                 if finish == "error":
-                    raise _error_from_object(chunk)
+                    raise _error_from_object(chunk, self._secret)
                 self.finish_reason = finish
 
     def _delta(self, delta: dict[str, Any], out: list[Event]) -> None:
@@ -190,17 +194,17 @@ def normalize_usage(usage: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _in_band_error(data: str) -> UpstreamError:
+def _in_band_error(data: str, secret: str | None) -> UpstreamError:
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return UpstreamError(data.strip()[:500] or "the provider reported an error", retryable=True)
+        return UpstreamError(excerpt(data.strip(), 500, secret) or "the provider reported an error", retryable=True)
     if isinstance(body, dict):
-        return _error_from_object(body)
-    return UpstreamError(str(body)[:500], retryable=True)
+        return _error_from_object(body, secret)
+    return UpstreamError(excerpt(str(body), 500, secret), retryable=True)
 
 
-def _error_from_object(body: dict[str, Any]) -> UpstreamError:
+def _error_from_object(body: dict[str, Any], secret: str | None) -> UpstreamError:
     """An error object sent inside the stream (OpenAI, OpenRouter and vLLM shapes)."""
     error = body.get("error", body)
     status: int | None = None
@@ -213,4 +217,4 @@ def _error_from_object(body: dict[str, Any]) -> UpstreamError:
         message = str(error)
     # Without a status, assume the provider's side failed (overload, crash): worth a retry.
     retryable = status is None or status == 429 or status >= 500
-    return UpstreamError(str(message)[:2000], retryable=retryable, upstream_status=status)
+    return UpstreamError(excerpt(str(message), 2000, secret), retryable=retryable, upstream_status=status)
