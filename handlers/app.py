@@ -19,10 +19,11 @@ from aiohttp.typedefs import Handler
 
 from .config import Config
 from .errors import RelayError, error_response, http_error_response
-from .keys import access_key, client_session_key, config_key, streams_key
+from .keys import access_key, client_session_key, config_key, origins_key, streams_key
 from .provider import demo
 from .routes import ops, page
 from .routes.access import Access, client_key
+from .routes.origins import Origins
 from .routes.stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
 from .stores.memory import MemoryStreamStore
 from .streams.generation import Streams
@@ -38,8 +39,9 @@ _PUBLIC = frozenset({"index", "static", "healthz", "readyz", "demo-models", DEMO
 
 def create_app(config: Config) -> web.Application:
     """The relay, its demo model and its page, configured by ``config``."""
-    app = web.Application(middlewares=[_json_errors, _access])
+    app = web.Application(middlewares=[_json_errors, _hosts, _access])
     app[config_key] = config
+    app[origins_key] = Origins(config)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_streams)
     app.cleanup_ctx.append(_access_control)
@@ -146,12 +148,20 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 @web.middleware
+async def _hosts(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route: a Host this relay answers to (see routes/origins.py)."""
+    request.config_dict[origins_key].check_host(request)
+    return await handler(request)
+
+
+@web.middleware
 async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """API routes: a valid token when tokens are set, and the client's request rate."""
+    """API routes: a page of an allowed origin, a valid token when tokens are set, and the client's request rate."""
     resource = request.match_info.route.resource
     if resource is None or resource.name in _PUBLIC or request.method == "OPTIONS":
         # No such route (a 404 follows), a public one, or a CORS preflight, which carries no credentials.
         return await handler(request)
+    request.config_dict[origins_key].check_origin(request)
     access = request.config_dict[access_key]
     try:
         client = access.client(request)

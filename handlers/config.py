@@ -253,6 +253,14 @@ class Config:
         env=["THINKSTREAM_CORS_CREDENTIALS"],
         flag="--cors-credentials",
     )
+    allowed_hosts: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated host names (Host header, any port) the relay answers to besides localhost, "
+        "127.0.0.1 and [::1], or * for any. Unset, only requests that arrive over loopback are "
+        "checked; set, every request is. Other names get 421, which stops DNS rebinding.",
+        env=["THINKSTREAM_ALLOWED_HOSTS"],
+        flag="--allowed-hosts",
+    )
     ready_check: bool = _setting(
         False,
         "Make /readyz also check that the provider answers (GET <base-url>/models), not just that one is configured.",
@@ -365,6 +373,9 @@ def _validate(config: Config) -> None:
         url = URL(origin)
         if origin != "*" and (url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/")):
             raise ConfigError(f"CORS origin {origin!r} must look like https://example.com")
+    for host in config.allowed_hosts:
+        if host != "*" and (not host.strip("[].") or any(c in host for c in " /@?#") or "://" in host):
+            raise ConfigError(f"allowed host {host!r} must be a host name such as chat.example.com, or *")
     if config.cors_credentials and "*" in config.cors_origins:
         raise ConfigError("CORS credentials cannot be allowed for every origin ('*'): list the origins")
     if any(not t or t != t.strip() for t in config.tokens):

@@ -11,11 +11,13 @@ from aiohttp import web
 
 from .config import Config
 from .routes.access import Access
+from .routes.origins import Origins
 from .streams.generation import Streams
 
-__all__ = ["access_key", "client_session_key", "config_key", "streams_key"]
+__all__ = ["access_key", "client_session_key", "config_key", "origins_key", "streams_key"]
 
 config_key = web.AppKey("config_key", Config)
 client_session_key = web.AppKey("client_session_key", aiohttp.ClientSession)
 streams_key = web.AppKey("streams_key", Streams)
 access_key = web.AppKey("access_key", Access)
+origins_key = web.AppKey("origins_key", Origins)

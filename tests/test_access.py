@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +23,9 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import FakeProvider, RelayFactory, Reply, collect, eventually, parse_sse, transcript, types
+
+from handlers.app import create_app
+from handlers.config import Config
 
 Client = TestClient[web.Request, web.Application]
 
@@ -807,18 +812,18 @@ async def test_cors_is_off_by_default_so_a_preflight_is_refused(relay_to: RelayF
 
 
 @pytest.mark.parametrize("origin", [APP, ELSEWHERE])
-async def test_cors_is_off_by_default_so_answers_allow_no_origin(
+async def test_cors_is_off_by_default_so_pages_of_other_origins_are_refused_and_allowed_no_origin(
     relay_to: RelayFactory, answers: FakeProvider, origin: str
 ) -> None:
     client = await relay_to()
 
     async with client.get("/models", headers={"Origin": origin}) as listed:
-        assert listed.status == 200
+        assert listed.status == 403
         assert "Access-Control-Allow-Origin" not in listed.headers
     async with client.post("/stream", json={"messages": HELLO}, headers={"Origin": origin}) as streamed:
-        await streamed.read()
-        assert streamed.status == 200
+        assert streamed.status == 403
         assert "Access-Control-Allow-Origin" not in streamed.headers
+    assert answers.requests == []
 
 
 async def test_a_listed_origin_may_post_a_stream_with_a_token(relay_to: RelayFactory, answers: FakeProvider) -> None:
@@ -864,8 +869,9 @@ async def test_an_unlisted_origin_is_refused(relay_to: RelayFactory, answers: Fa
         assert refused.status == 403
         assert "Access-Control-Allow-Origin" not in refused.headers
     async with client.post("/stream", json={"messages": HELLO}, headers={"Origin": ELSEWHERE}) as actual:
-        await actual.read()
+        assert actual.status == 403
         assert "Access-Control-Allow-Origin" not in actual.headers
+    assert answers.requests == []
 
 
 async def test_a_preflight_for_a_header_the_api_does_not_take_is_refused(relay_to: RelayFactory) -> None:
@@ -891,3 +897,220 @@ async def test_cors_credentials_are_allowed_only_when_configured(
     async with client.post("/stream", json={"messages": HELLO}, headers={"Origin": APP}) as actual:
         await actual.read()
         assert actual.headers.get("Access-Control-Allow-Credentials") == expected
+
+
+# A web page of another origin must not spend the key: neither by a request a browser sends without asking
+# (a form's POST, a text/plain fetch, an <img>), nor by a name rebound to 127.0.0.1 (DNS rebinding).
+
+CROSS_SITE = {"Origin": ELSEWHERE, "Sec-Fetch-Site": "cross-site"}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        pytest.param("text/plain", id="text/plain"),
+        pytest.param("application/x-www-form-urlencoded", id="a form"),
+        pytest.param("multipart/form-data; boundary=x", id="a multipart form"),
+        pytest.param(None, id="no content type"),
+    ],
+)
+async def test_a_post_stream_body_that_is_not_declared_json_is_refused_with_415(
+    relay_to: RelayFactory, answers: FakeProvider, content_type: str | None
+) -> None:
+    client = await relay_to()
+    headers = {"Content-Type": content_type} if content_type else {}
+    # skip_auto_headers: without it aiohttp's client would call the bytes application/octet-stream.
+    async with client.post(
+        "/stream", data=orjson.dumps({"messages": HELLO}), headers=headers, skip_auto_headers=["Content-Type"]
+    ) as response:
+        assert response.status == 415
+        assert await error_code(response) == "unsupported_media_type"
+    assert answers.requests == []
+
+
+async def test_a_json_content_type_with_a_charset_is_json(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to()
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+
+    events = await collect(client, "POST", data=orjson.dumps({"messages": HELLO}), headers=headers)
+
+    assert types(events)[-1] == "done"
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "kwargs"),
+    [
+        pytest.param(
+            "POST",
+            {**CROSS_SITE, "Content-Type": "text/plain"},
+            {"data": orjson.dumps({"messages": HELLO})},
+            id="a text/plain POST from a modern browser",
+        ),
+        pytest.param("POST", CROSS_SITE, {"json": {"messages": HELLO}}, id="a JSON POST from a modern browser"),
+        pytest.param(
+            "GET", {"Sec-Fetch-Site": "cross-site"}, {"params": {"prompt": "hi"}}, id="an <img> GET (no Origin)"
+        ),
+        pytest.param(
+            "GET", {"Sec-Fetch-Site": "same-site"}, {"params": {"prompt": "hi"}}, id="an <img> GET from a sibling site"
+        ),
+        pytest.param(
+            "POST", {"Origin": ELSEWHERE}, {"json": {"messages": HELLO}}, id="a POST from a browser without Sec-Fetch"
+        ),
+        pytest.param("GET", {"Origin": "null"}, {"params": {"prompt": "hi"}}, id="a sandboxed page (Origin: null)"),
+    ],
+)
+async def test_a_page_of_another_origin_is_refused_with_403_before_the_provider_hears_of_it(
+    relay_to: RelayFactory, answers: FakeProvider, method: str, headers: dict[str, str], kwargs: dict[str, Any]
+) -> None:
+    client = await relay_to()
+
+    async with client.request(method, "/stream", headers=headers, **kwargs) as response:
+        assert response.status == 403
+        assert await error_code(response) == "origin_not_allowed"
+    assert answers.requests == []
+
+
+@pytest.mark.parametrize("route", API_ROUTES)
+async def test_every_api_route_refuses_a_page_of_another_origin(
+    relay_to: RelayFactory, answers: FakeProvider, route: Route
+) -> None:
+    client = await relay_to(tokens=TOKENS)
+
+    response = await call(client, route, {**CROSS_SITE, **bearer("tok-a")})
+
+    assert response.status == 403
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Sec-Fetch-Site": "same-origin"}, id="the relay's own page (Sec-Fetch-Site)"),
+        pytest.param(
+            {"Sec-Fetch-Site": "same-origin", "Origin": "https://chat.example.com"},
+            id="its own page behind a proxy that sends another Host",
+        ),
+        pytest.param({"Sec-Fetch-Site": "none"}, id="typed in the address bar"),
+        pytest.param({}, id="not a browser (no Origin)"),
+    ],
+)
+async def test_the_relays_own_pages_and_other_clients_may_stream(
+    relay_to: RelayFactory, answers: FakeProvider, headers: dict[str, str]
+) -> None:
+    events = await collect(await relay_to(), "POST", json={"messages": HELLO}, headers=headers)
+
+    assert types(events)[-1] == "done"
+
+
+async def test_a_browser_without_sec_fetch_is_judged_by_its_origin_against_the_host(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to()
+    own = f"http://{client.host}:{client.port}"
+
+    events = await collect(client, "POST", json={"messages": HELLO}, headers={"Origin": own})
+
+    assert types(events)[-1] == "done"
+
+
+async def test_a_listed_origin_is_not_refused_for_being_cross_site(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to(cors_origins=(ELSEWHERE,))
+
+    events = await collect(client, "POST", json={"messages": HELLO}, headers=CROSS_SITE)
+
+    assert types(events)[-1] == "done"
+
+
+async def test_any_origin_may_call_when_cors_origins_is_star(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(cors_origins=("*",))
+
+    events = await collect(client, params={"prompt": "hi"}, headers={"Sec-Fetch-Site": "cross-site"})
+
+    assert types(events)[-1] == "done"
+
+
+PUBLIC_AND_API = [
+    pytest.param("GET", "/", id="the page"),
+    pytest.param("GET", "/healthz", id="a probe"),
+    pytest.param("GET", "/models", id="an API route"),
+    pytest.param("POST", "/stream", id="POST /stream"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PUBLIC_AND_API)
+async def test_over_loopback_a_foreign_host_is_refused_with_421(
+    relay_to: RelayFactory, answers: FakeProvider, method: str, path: str
+) -> None:
+    client = await relay_to()
+
+    async with client.request(
+        method, path, json={"messages": HELLO}, headers={"Host": "rebound.example:8080"}
+    ) as response:
+        assert response.status == 421
+        assert await error_code(response) == "host_not_allowed"
+    assert answers.requests == []
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:1234", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:8080", "[::1]:8080", "[::1]"]
+)
+async def test_over_loopback_the_loopback_names_are_accepted_on_any_port(
+    relay_to: RelayFactory, answers: FakeProvider, host: str
+) -> None:
+    client = await relay_to()
+
+    events = await collect(client, params={"prompt": "hi"}, headers={"Host": host})
+
+    assert types(events)[-1] == "done"
+
+
+async def test_allowed_hosts_adds_names(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(allowed_hosts=("chat.example.com",))
+
+    async with client.get("/healthz", headers={"Host": "chat.example.com"}) as named:
+        assert named.status == 200
+    async with client.get("/healthz", headers={"Host": "Chat.Example.Com:443"}) as named_with_a_port:
+        assert named_with_a_port.status == 200
+    async with client.get("/healthz", headers={"Host": "other.example.com"}) as other:
+        assert other.status == 421
+
+
+async def test_allowed_hosts_star_accepts_any_name(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(allowed_hosts=("*",))
+
+    async with client.get("/healthz", headers={"Host": "rebound.example"}) as response:
+        assert response.status == 200
+
+
+def a_non_loopback_address() -> str | None:
+    """An address of this machine's that is not loopback (no packet is sent to find it), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # TEST-NET-3: a route, never a packet
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+@pytest.mark.parametrize(
+    ("allowed_hosts", "status"),
+    [
+        pytest.param((), 200, id="any name, by default"),
+        pytest.param(("chat.example.com",), 421, id="only the listed names, when some are listed"),
+    ],
+)
+async def test_off_loopback_the_host_is_checked_only_when_allowed_hosts_are_listed(
+    aiohttp_client: Callable[..., Awaitable[Client]], allowed_hosts: tuple[str, ...], status: int
+) -> None:
+    address = a_non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    app = create_app(Config(allowed_hosts=allowed_hosts))
+    client = await aiohttp_client(TestServer(app, host=address))
+
+    async with client.get("/healthz", headers={"Host": "relay.example"}) as foreign:
+        assert foreign.status == status
+    async with client.get("/healthz") as by_its_address:
+        assert by_its_address.status == 200, "the address a request came in on is always one of the relay's names"

@@ -41,17 +41,21 @@ def get(params: dict[str, str], code: str, *mentions: str) -> Bad:
     return Bad("GET", "/stream", 400, code, mentions, {"params": params})
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def post(body: Any, code: str, *mentions: str) -> Bad:
-    return Bad("POST", "/stream", 400, code, mentions, {"data": orjson.dumps(body)})
+    return Bad("POST", "/stream", 400, code, mentions, {"data": orjson.dumps(body), "headers": JSON})
 
 
 def post_raw(body: bytes, code: str, *mentions: str) -> Bad:
-    return Bad("POST", "/stream", 400, code, mentions, {"data": body})
+    return Bad("POST", "/stream", 400, code, mentions, {"data": body, "headers": JSON})
 
 
 def over_the_limit(data: Any) -> Bad:
     """A POST to a relay that takes at most 1024 bytes; ``data`` may be a callable making a fresh body."""
-    return Bad("POST", "/stream", 413, "body_too_large", ("1024",), {"data": data}, {"max_body_bytes": 1024})
+    kwargs = {"data": data, "headers": JSON}
+    return Bad("POST", "/stream", 413, "body_too_large", ("1024",), kwargs, {"max_body_bytes": 1024})
 
 
 def with_messages(**options: Any) -> dict[str, Any]:
@@ -226,7 +230,7 @@ BAD_MODELS = [
             400,
             "model_not_allowed",
             mentions=("gpt-5", "test-model", "other"),
-            kwargs={"data": orjson.dumps(with_messages(model="gpt-5"))},
+            kwargs={"data": orjson.dumps(with_messages(model="gpt-5")), "headers": JSON},
             settings={"models": ("other",)},
         ),
         id="a model outside a longer allow-list",
@@ -251,7 +255,7 @@ WRONG_FORMAT = [
             400,
             "invalid_parameter",
             mentions=("format",),
-            kwargs={"data": orjson.dumps(with_messages())},
+            kwargs={"data": orjson.dumps(with_messages()), "headers": JSON},
         ),
         id="POST with format=xml",
     ),
@@ -546,7 +550,7 @@ async def test_a_body_of_exactly_the_limit_is_accepted(relay_to: RelayFactory, a
     body = padded_body(1024)
     assert len(body) == 1024
 
-    events = await collect(await relay_to(max_body_bytes=1024), "POST", data=chunked(body, size=100))
+    events = await collect(await relay_to(max_body_bytes=1024), "POST", data=chunked(body, size=100), headers=JSON)
 
     assert types(events)[-1] == "done"
     assert answered.requests[0]["messages"][0]["content"] == "x" * (1024 - len(padded_body(0)))

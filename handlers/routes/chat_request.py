@@ -45,6 +45,13 @@ async def read_chat_request(request: web.Request, config: Config) -> ChatRequest
     """``GET ?prompt=…&system=…&model=…`` or ``POST`` with a JSON body."""
     if request.method == "GET":
         return _from_query(request.query, config)
+    if request.content_type != "application/json":
+        # A page may send text/plain or a form to any server without asking (no CORS preflight); JSON it may not.
+        raise RequestError(
+            "send the body as JSON, with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+            http_status=415,
+        )
     body = await _read_body(request, config.max_body_bytes)
     try:
         data = orjson.loads(body)
