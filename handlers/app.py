@@ -63,11 +63,17 @@ def create_app(config: Config) -> web.Application:
             web.get("/", page.index, name="index"),
             web.get("/healthz", ops.healthz, name="healthz"),
             web.get("/readyz", ops.readyz, name="readyz"),
-            web.get("/demo/v1/models", demo.models, name="demo-models"),
-            web.post("/demo/v1/chat/completions", demo.chat_completions, name=DEMO_ROUTE),
             web.static("/static", page.STATIC_DIR, name="static"),
         ]
     )
+    if config.uses_demo:
+        # Only while it is the relay's provider: with a real one it would be an open, unlimited route.
+        app.add_routes(
+            [
+                web.get("/demo/v1/models", demo.models, name="demo-models"),
+                web.post("/demo/v1/chat/completions", demo.chat_completions, name=DEMO_ROUTE),
+            ]
+        )
     if config.cors_origins:
         _allow_cross_origin(app, config, api)
     return app

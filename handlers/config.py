@@ -174,6 +174,13 @@ class Config:
         env=["THINKSTREAM_MAX_BODY_BYTES"],
         flag="--max-body-bytes",
     )
+    body_timeout: float = _setting(
+        30.0,
+        "Seconds a request's body may take to arrive once its headers have (longer: 408, and the "
+        "connection is closed).",
+        env=["THINKSTREAM_BODY_TIMEOUT"],
+        flag="--body-timeout",
+    )
     max_line_bytes: int = _setting(
         1 << 20,
         "Longest line accepted from the provider's stream, in bytes; the data lines of one event together "
@@ -338,6 +345,7 @@ def _validate(config: Config) -> None:
         "retention",
         "stall_timeout",
         "shutdown_timeout",
+        "body_timeout",
     ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):

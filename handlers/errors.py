@@ -145,6 +145,9 @@ def error_response(error: RelayError) -> web.Response:
     response = web.json_response(body, status=error.http_status)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    if error.http_status == 408:
+        # RFC 9110 §15.5.9: the server closes a connection it timed out.
+        response.force_close()
     if error.http_status == 401:
         # RFC 9110 §11.6.1: a 401 names the scheme it wants (RFC 6750 §3 for Bearer).
         response.headers["WWW-Authenticate"] = 'Bearer realm="thinkstream"'

@@ -252,10 +252,7 @@ async def test_a_401_names_the_bearer_scheme_in_www_authenticate(relay_to: Relay
         assert response.headers.get("WWW-Authenticate", "").lower().startswith("bearer")
 
 
-PUBLIC_ROUTES = [
-    pytest.param("GET", "/", {}, id="the page"),
-    pytest.param("GET", "/healthz", {}, id="GET /healthz"),
-    pytest.param("GET", "/readyz", {}, id="GET /readyz"),
+DEMO_ROUTES = [
     pytest.param("GET", "/demo/v1/models", {}, id="the demo model's model list"),
     pytest.param(
         "POST",
@@ -264,13 +261,25 @@ PUBLIC_ROUTES = [
         id="the demo model's chat completions",
     ),
 ]
+PUBLIC_ROUTES = [
+    pytest.param("GET", "/", {}, id="the page"),
+    pytest.param("GET", "/healthz", {}, id="GET /healthz"),
+    pytest.param("GET", "/readyz", {}, id="GET /readyz"),
+    # The demo model's routes are served only while no provider is configured.
+    *DEMO_ROUTES,
+]
+
+
+def relay_serving(path: str, relay: RelayFactory, relay_to: RelayFactory) -> RelayFactory:
+    """A relay that serves ``path``: on the demo model for its routes, else on the fake provider."""
+    return relay if path.startswith("/demo/") else relay_to
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), PUBLIC_ROUTES)
 async def test_public_routes_need_no_token(
-    relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
+    relay: RelayFactory, relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    client = await relay_to(tokens=TOKENS)
+    client = await relay_serving(path, relay, relay_to)(tokens=TOKENS)
 
     async with client.request(method, path, **kwargs) as response:
         await response.read()
@@ -279,14 +288,26 @@ async def test_public_routes_need_no_token(
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), PUBLIC_ROUTES)
 async def test_public_routes_are_not_rate_limited(
-    relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
+    relay: RelayFactory, relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    client = await relay_to(rate_limit="1/hour")
+    client = await relay_serving(path, relay, relay_to)(rate_limit="1/hour")
 
     for _ in range(3):
         async with client.request(method, path, **kwargs) as response:
             await response.read()
             assert response.status == 200
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), DEMO_ROUTES)
+async def test_with_a_provider_configured_the_demo_model_is_not_served(
+    relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
+) -> None:
+    # It needs no token and has no limits: with a real provider it would be a way around both.
+    client = await relay_to(tokens=TOKENS)
+
+    async with client.request(method, path, **kwargs) as response:
+        assert response.status == 404
+        assert await error_code(response) == "not_found"
 
 
 async def test_the_demo_model_streams_to_a_client_with_a_token(relay: RelayFactory) -> None:

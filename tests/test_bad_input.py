@@ -8,6 +8,7 @@ streaming options the relay adds.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from helpers import FakeProvider, RelayFactory, Reply, collect, text_of, transcript, types
+
+from handlers.config import Config
 
 Client = TestClient[web.Request, web.Application]
 
@@ -574,3 +577,78 @@ async def test_a_clients_authorization_header_is_not_passed_on(relay_to: RelayFa
     )
 
     assert answered.headers[0]["Authorization"] == "Bearer sk-relay"
+
+
+# A body that never arrives does not hold its connection for ever.
+
+
+async def send_slowly(
+    client: Client, path: str, body: bytes, *, sent: int, pause: float = 0.0, headers: str = ""
+) -> tuple[bytes, float]:
+    """POST ``body`` over a raw socket: its first ``sent`` bytes, and the rest after ``pause`` if there is one.
+
+    Returns everything the relay sent back until it closed the connection, and how long that took.
+    """
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{headers}\r\n"
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        writer.write(head.encode() + body[:sent])
+        if pause:
+            await asyncio.sleep(pause)
+            writer.write(body[sent:])
+        started = loop.time()
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the end: the relay must close the connection
+        return answer, loop.time() - started
+    finally:
+        writer.close()
+
+
+def json_error(answer: bytes) -> tuple[int, str]:
+    """The status and error code of a raw HTTP answer with a JSON error body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert b"application/json" in head, answer
+    return status, orjson.loads(body)["error"]["code"]
+
+
+WHOLE = orjson.dumps({"messages": HELLO, "model": "demo"})
+
+
+@pytest.mark.parametrize(
+    ("path", "settings"),
+    [
+        pytest.param("/stream", {}, id="POST /stream"),
+        pytest.param("/demo/v1/chat/completions", {"base_url": None}, id="the demo model"),
+    ],
+)
+async def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closed(
+    relay_to: RelayFactory, provider: FakeProvider, path: str, settings: dict[str, Any]
+) -> None:
+    client = await relay_to(body_timeout=0.5, **settings)
+
+    answer, took = await send_slowly(client, path, WHOLE, sent=10)
+
+    assert json_error(answer) == (408, "body_timeout")
+    assert b"connection: close" in answer.lower()
+    assert took < 3, f"the connection stayed open {took:.1f} s"
+    assert provider.requests == []
+
+
+async def test_a_slow_body_that_arrives_in_time_is_read(relay_to: RelayFactory, answered: FakeProvider) -> None:
+    client = await relay_to(body_timeout=2, model="demo")
+
+    answer, _ = await send_slowly(
+        client, "/stream?format=ndjson", WHOLE, sent=10, pause=0.5, headers="Connection: close\r\n"
+    )
+
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert len(answered.requests) == 1
+
+
+def test_by_default_a_body_has_at_most_30_seconds() -> None:
+    assert 0 < Config().body_timeout <= 30

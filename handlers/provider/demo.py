@@ -24,6 +24,7 @@ from aiohttp_sse import EventSourceResponse
 
 from ..config import DEMO_MODEL
 from ..keys import config_key
+from ..routes.chat_request import read_body
 
 __all__ = ["chat_completions", "demo_tokens", "models"]
 
@@ -107,8 +108,10 @@ async def models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /demo/v1/chat/completions``, streaming or not."""
     config = request.config_dict[config_key]
+    # Room for what the relay adds to the largest body a client may send it.
+    raw = await read_body(request, 2 * config.max_body_bytes, config.body_timeout)
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
         messages = body["messages"]
         prompt = _last_user_text(messages)
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):

@@ -6,6 +6,7 @@ nothing malformed ever reaches the provider or raises past the handler.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from aiohttp import web
 from ..config import Config
 from ..errors import RequestError
 
-__all__ = ["ChatRequest", "read_chat_request"]
+__all__ = ["ChatRequest", "read_body", "read_chat_request"]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _BODY_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "tools", "tool_choice")
@@ -52,7 +53,7 @@ async def read_chat_request(request: web.Request, config: Config) -> ChatRequest
             code="unsupported_media_type",
             http_status=415,
         )
-    body = await _read_body(request, config.max_body_bytes)
+    body = await read_body(request, config.max_body_bytes, config.body_timeout)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -73,16 +74,29 @@ def _from_query(query: Mapping[str, str], config: Config) -> ChatRequest:
     return ChatRequest(tuple(messages), _model(query.get("model"), config), {})
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; say 413 instead of buffering more."""
+async def read_body(request: web.Request, limit: int, within: float) -> bytes:
+    """Read at most ``limit`` bytes within ``within`` seconds; say 413 instead of buffering more, 408 if slower.
+
+    aiohttp waits for a body as long as its client likes, so a client that
+    announces a body and sends none would hold its connection for ever.
+    """
     too_large = RequestError(f"the body is larger than {limit} bytes", code="body_too_large", http_status=413)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        # The rest will never be read: with the body over, aiohttp closes the connection after the 408
+        # instead of waiting (lingering) for bytes that do not come.
+        request.content.feed_eof()
+        raise RequestError(
+            f"the request body did not arrive within {within:g} s", code="body_timeout", http_status=408
+        ) from None
     return bytes(body)
 
 
