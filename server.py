@@ -7,6 +7,7 @@ from here and mount the app wherever they like.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -16,7 +17,7 @@ from aiohttp import web
 
 from handlers.app import create_app
 from handlers.config import Config, ConfigError, load_config
-from handlers.runtime import tune_process
+from handlers.runtime import quiet_accept_errors, tune_process
 
 __all__ = ["Config", "app_factory", "create_app", "main"]
 
@@ -43,7 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         logger.info("relaying to %s, model %s", config.base_url, config.default_model)
     app = create_app(config)
-    tune_process()
+    tune_process(config.max_streams)
+    loop = asyncio.new_event_loop()
+    quiet_accept_errors(loop)
     listening = False
 
     def announce(banner: str) -> None:
@@ -63,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # The app drains its streams first (up to shutdown_timeout); then connections get a
             # few seconds to flush their last events before aiohttp cancels what is left.
             shutdown_timeout=config.shutdown_timeout + 5,
+            loop=loop,
         )
     except OSError as exc:
         if listening:
@@ -76,8 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def app_factory() -> web.Application:
     """The app configured from the environment, for process managers such as gunicorn:
     ``gunicorn 'server:app_factory' --worker-class aiohttp.GunicornWebWorker``."""
-    app = create_app(load_config([], os.environ))
-    tune_process()
+    config = load_config([], os.environ)
+    app = create_app(config)
+    tune_process(config.max_streams)
+    quiet_accept_errors(asyncio.get_running_loop())
     return app
 
 
