@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .config import Config
-from .errors import RelayError, error_response, http_error_response
+from .errors import ProtocolLog, RelayError, error_response, http_error_response
 from .keys import access_key, client_session_key, config_key, origins_key, streams_key
 from .provider import demo
 from .routes import ops, page
@@ -39,7 +39,7 @@ _PUBLIC = frozenset({"index", "static", "healthz", "readyz", "demo-models", DEMO
 
 def create_app(config: Config) -> web.Application:
     """The relay, its demo model and its page, configured by ``config``."""
-    app = web.Application(middlewares=[_json_errors, _hosts, _access])
+    app = web.Application(middlewares=[_json_errors, _hosts, _access], handler_args={"logger": ProtocolLog()})
     app[config_key] = config
     app[origins_key] = Origins(config)
     app.cleanup_ctx.append(_client_session)
@@ -149,7 +149,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except asyncio.CancelledError:
         raise
     except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
+        # Quoted: the decoded path may hold a newline, and a crafted URL would forge log lines.
+        logger.exception("unhandled error on %s %r", request.method, request.path)
         return error_response(RelayError("the server failed unexpectedly; see its log"))
 
 

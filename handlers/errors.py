@@ -9,13 +9,16 @@ after it has.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = [
     "ClientGone",
+    "ProtocolLog",
     "RelayError",
     "RequestError",
     "UpstreamConnectError",
@@ -139,14 +142,18 @@ _HTTP_CODES: dict[int, str] = {
 }
 
 
+# Errors after which the connection cannot carry another request: a body that never came (RFC 9110
+# §15.5.9: the server closes a connection it timed out), or one that could not be decoded.
+_CLOSING = frozenset({"body_timeout", "unreadable_body"})
+
+
 def error_response(error: RelayError) -> web.Response:
     """The JSON answer for an error found before any stream started."""
     body = {"error": {"code": error.code, "message": error.message}}
     response = web.json_response(body, status=error.http_status)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
-    if error.http_status == 408:
-        # RFC 9110 §15.5.9: the server closes a connection it timed out.
+    if error.code in _CLOSING:
         response.force_close()
     if error.http_status == 401:
         # RFC 9110 §11.6.1: a 401 names the scheme it wants (RFC 6750 §3 for Bearer).
@@ -163,6 +170,28 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
         if name in exc.headers:
             response.headers[name] = exc.headers[name]
     return response
+
+
+class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection log (``aiohttp.server``), with a request its parser refused as one line.
+
+    aiohttp answers a request it cannot parse (an over-long URL or header, an
+    unknown method, a bare CR, a NUL) with its own plain-text 400 before any
+    of the app's code runs, and logs it as an error with a traceback: a line
+    of log per garbage request is plenty. Passed to aiohttp as the request
+    handler's ``logger``; everything else goes through unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), None)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            # At most INFO (aiohttp logs a first request's bad method at DEBUG: mostly TLS or scanners).
+            self.logger.log(min(level, logging.INFO), f"{msg}: %s %.200r", *args, type(exc).__name__, exc.message)
+            return
+        super().log(level, msg, *args, **kwargs)
 
 
 # Things shaped like API keys (sk-…, including masked ones such as "sk-proj-****abcd").

@@ -8,6 +8,7 @@ of the request: the fake provider's ``requests`` list is the witness.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import ipaddress
@@ -721,6 +722,27 @@ async def test_the_stream_log_names_an_anonymous_client_by_address(
     await collect(client, params={"prompt": "hi"}, headers={"X-Forwarded-For": forwarded})
 
     assert client_in_log(caplog) == expected
+
+
+async def test_an_undecodable_x_forwarded_for_from_a_trusted_proxy_still_gets_its_stream_logged(
+    relay_to: RelayFactory, answers: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = await relay_to(trusted_proxies=("127.0.0.1",))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"GET /stream?prompt=hi HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: \xff\xfe\xfd\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 200") and b"event: done" in answer
+    logged = client_in_log(caplog)
+    assert logged.isascii() and logged.isprintable(), logged
 
 
 # Models, and where the relay connects.

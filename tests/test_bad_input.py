@@ -9,6 +9,7 @@ streaming options the relay adds.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +60,11 @@ def over_the_limit(data: Any) -> Bad:
     """A POST to a relay that takes at most 1024 bytes; ``data`` may be a callable making a fresh body."""
     kwargs = {"data": data, "headers": JSON}
     return Bad("POST", "/stream", 413, "body_too_large", ("1024",), kwargs, {"max_body_bytes": 1024})
+
+
+def nested(depth: int) -> bytes:
+    """JSON for a value nested ``depth`` lists deep (deeper than orjson would write)."""
+    return b"[" * depth + b'"deep"' + b"]" * depth
 
 
 def with_messages(**options: Any) -> dict[str, Any]:
@@ -216,6 +222,32 @@ BAD_OPTIONS = [
     pytest.param(post(with_messages(tools=["search"]), "invalid_parameter", "tools"), id="tools a list of strings"),
     pytest.param(post(with_messages(tool_choice=1), "invalid_parameter", "tool_choice"), id="tool_choice a number"),
     pytest.param(post(with_messages(model=5), "invalid_parameter", "model"), id="model a number"),
+    # orjson reads JSON nested 1,024 deep but writes at most 254 levels: the provider request must be writable.
+    pytest.param(
+        post_raw(
+            b'{"messages": %s, "tools": [{"function": %s}]}' % (orjson.dumps(HELLO), nested(300)),
+            "invalid_parameter",
+            "tools",
+        ),
+        id="tools nested 300 deep",
+    ),
+    pytest.param(
+        post_raw(
+            b'{"messages": %s, "tool_choice": {"function": %s}}' % (orjson.dumps(HELLO), nested(300)),
+            "invalid_parameter",
+            "tool_choice",
+        ),
+        id="tool_choice nested 300 deep",
+    ),
+    pytest.param(
+        post_raw(
+            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [%s]}]}'
+            % nested(300),
+            "invalid_messages",
+            "messages[1].tool_calls",
+        ),
+        id="tool_calls nested 300 deep",
+    ),
 ]
 
 BAD_MODELS = [
@@ -276,6 +308,31 @@ WRONG_METHODS = [
     pytest.param(Bad("PATCH", "/stream", 405, "method_not_allowed"), id="PATCH /stream"),
 ]
 
+UNREADABLE_BODIES = [
+    pytest.param(
+        Bad(
+            "POST",
+            "/stream",
+            400,
+            "unreadable_body",
+            ("gzip",),
+            {"data": orjson.dumps(with_messages()), "headers": {**JSON, "Content-Encoding": "gzip"}},
+        ),
+        id="Content-Encoding gzip, but not gzip",
+    ),
+    pytest.param(
+        Bad(
+            "POST",
+            "/stream",
+            400,
+            "unreadable_body",
+            ("deflate",),
+            {"data": b"\x78\x9c" + b"\xff" * 40, "headers": {**JSON, "Content-Encoding": "deflate"}},
+        ),
+        id="Content-Encoding deflate, but broken",
+    ),
+]
+
 EVERY_BAD_REQUEST = [
     *MISSING_PROMPT,
     *NOT_A_CHAT_REQUEST,
@@ -283,6 +340,7 @@ EVERY_BAD_REQUEST = [
     *BAD_OPTIONS,
     *BAD_MODELS,
     *TOO_LARGE,
+    *UNREADABLE_BODIES,
     *WRONG_FORMAT,
     *UNKNOWN_ROUTES,
     *WRONG_METHODS,
@@ -348,6 +406,15 @@ async def test_a_body_over_the_limit_is_refused_with_413(
     relay_to: RelayFactory, provider: FakeProvider, bad: Bad
 ) -> None:
     await assert_refused(await relay_to(**bad.settings), provider, bad)
+
+
+@pytest.mark.parametrize("bad", UNREADABLE_BODIES)
+async def test_a_body_that_cannot_be_decoded_is_refused(
+    relay_to: RelayFactory, provider: FakeProvider, bad: Bad
+) -> None:
+    headers = await assert_refused(await relay_to(**bad.settings), provider, bad)
+    # What follows it on the connection cannot be told apart from it.
+    assert headers.get("Connection", "").lower() == "close"
 
 
 @pytest.mark.parametrize("bad", WRONG_FORMAT)
@@ -652,3 +719,53 @@ async def test_a_slow_body_that_arrives_in_time_is_read(relay_to: RelayFactory, 
 
 def test_by_default_a_body_has_at_most_30_seconds() -> None:
     assert 0 < Config().body_timeout <= 30
+
+
+# Requests aiohttp's own parser refuses: its plain-text 400, and one line in the log at most, never a traceback.
+
+MALFORMED = [
+    pytest.param([b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"], id="a URL over 8 KB"),
+    pytest.param(
+        [b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n"], id="a header over 8 KB"
+    ),
+    pytest.param([b"FROB / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"], id="an unknown method"),
+    pytest.param(
+        [b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"FROB / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
+        id="an unknown method after a good request",
+    ),
+    pytest.param([b"GET / HTTP/1.1\r\nHost: 127.0.0.1\rX-Sneaky: 1\r\n\r\n"], id="a bare CR"),
+    pytest.param([b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Sneaky: a\x00b\r\n\r\n"], id="a NUL in a header"),
+    pytest.param(
+        [
+            b"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mes\r\nzz\r\n'
+        ],
+        id="broken chunked framing",
+    ),
+]
+
+
+@pytest.mark.parametrize("requests", MALFORMED)
+async def test_a_malformed_request_gets_400_and_at_most_one_line_in_the_log(
+    relay_to: RelayFactory, provider: FakeProvider, caplog: pytest.LogCaptureFixture, requests: list[bytes]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await relay_to()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        for request in requests[:-1]:
+            writer.write(request)
+            await reader.readuntil(b'"ok"}')  # the answer to a good request, before the bad one
+        writer.write(requests[-1])
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+
+    assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
+    logged = [r for r in caplog.records if r.name.startswith("aiohttp.server")]
+    assert len(logged) <= 1
+    for record in logged:
+        assert record.levelno <= logging.INFO and record.exc_info is None
+        assert "\n" not in record.getMessage()
+    assert provider.requests == []

@@ -44,6 +44,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from handlers.app import create_app
 from handlers.config import Config
 from handlers.errors import excerpt, redact
 from handlers.keys import streams_key
@@ -923,3 +924,22 @@ async def test_no_warning_with_tokens_or_on_loopback(args: tuple[str, ...]) -> N
 
     assert OPEN_WARNING not in log
     assert b"WARNING" not in log
+
+
+async def test_an_unexpected_error_is_logged_on_one_line_whatever_the_url(
+    aiohttp_client: Callable[..., Awaitable[Client]], logs: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(Config())
+
+    async def fails(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app.router.add_get(r"/fails/{rest:[\s\S]*}", fails)  # any path, newlines included
+    client = await aiohttp_client(app)
+
+    async with client.get("/fails/x%0A2026-01-01 00:00:00,000 ERROR forged: a line of our own") as response:
+        assert response.status == 500
+        assert (await response.json())["error"]["code"] == "internal_error"
+    [record] = [r for r in logs.records if r.getMessage().startswith("unhandled error")]
+    assert "\n" not in record.getMessage()
+    assert "forged" in record.getMessage()

@@ -472,6 +472,31 @@ async def test_a_provider_that_never_ends_its_event_is_upstream_line_too_long_an
     assert str(64 * 1024) in error["message"]
 
 
+async def test_a_tool_call_whose_index_is_not_a_number_is_upstream_protocol(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    # An index nested deeper than the relay could ever write back out as JSON.
+    index = b"[" * 300 + b"0" + b"]" * 300
+    call = b'{"index": %s, "id": "call_1", "function": {"name": "f", "arguments": ""}}' % index
+    tool_chunk = b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [%s]}, "finish_reason": null}]}\n\n' % call
+    provider.reply = Reply(sse(chunk(content="Let me look.")) + tool_chunk + sse(chunk(finish="tool_calls")))
+    events = await ask(await relay_to())
+
+    assert kinds(events) == ["meta", "content", "error"]
+    error = the_error(events)
+    assert (error["code"], error["retryable"]) == ("upstream_protocol", False)
+    assert "index" in error["message"]
+
+
+async def test_a_retry_field_of_thousands_of_digits_is_ignored(relay_to: RelayFactory, provider: FakeProvider) -> None:
+    provider.reply = Reply(
+        b"retry: " + b"9" * 5000 + b"\n\n" + sse(chunk(content="Hi"), chunk(finish="stop"), "[DONE]")
+    )
+    events = await ask(await relay_to())
+
+    assert types(events) == ["meta", "content", "done"]
+
+
 # Failures after the first token.
 
 MID_STREAM_FAILURES = [

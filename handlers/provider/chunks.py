@@ -166,7 +166,10 @@ def coalesce(events: list[Event]) -> list[Event]:
 
 
 def _tool_call(call: dict[str, Any]) -> Event:
-    event: Event = {"type": "tool_call", "index": call.get("index", 0)}
+    index = call.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise UpstreamProtocolError(f"the provider sent a tool call whose index is not a number: {str(index)[:50]}")
+    event: Event = {"type": "tool_call", "index": index}
     if isinstance(call.get("id"), str):
         event["id"] = call["id"]
     function = call.get("function")

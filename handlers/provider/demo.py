@@ -113,6 +113,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         body = orjson.loads(raw)
         messages = body["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of objects")
         prompt = _last_user_text(messages)
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return _error(400, "send a JSON body with a 'messages' list that has a user message")

@@ -168,7 +168,8 @@ class SSEDecoder:
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= 19:
+            # Past 4,300 digits Python would refuse to read it at all; no sane retry needs 20.
             self._retry = int(value)
         return None
 

@@ -97,6 +97,13 @@ async def read_body(request: web.Request, limit: int, within: float) -> bytes:
         raise RequestError(
             f"the request body did not arrive within {within:g} s", code="body_timeout", http_status=408
         ) from None
+    except web.RequestPayloadError:
+        # Its Content-Encoding does not decode (aiohttp decompresses as it reads): the rest cannot be read either.
+        request.content.feed_eof()
+        encoding = request.headers.get("Content-Encoding", "none")[:50]
+        raise RequestError(
+            f"the request body does not decode as its Content-Encoding ({encoding!r}) says", code="unreadable_body"
+        ) from None
     return bytes(body)
 
 
@@ -124,10 +131,12 @@ def _from_json(data: Any, config: Config) -> ChatRequest:
         tools = data["tools"]
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise RequestError("tools must be a list of objects", code="invalid_parameter")
+        _check_writable({"tools": tools}, "tools", "invalid_parameter")
         options["tools"] = tools
     if data.get("tool_choice") is not None:
         if not isinstance(data["tool_choice"], (str, dict)):
             raise RequestError("tool_choice must be a string or an object", code="invalid_parameter")
+        _check_writable({"tool_choice": data["tool_choice"]}, "tool_choice", "invalid_parameter")
         options["tool_choice"] = data["tool_choice"]
     return ChatRequest(messages, _model(data.get("model"), config), options)
 
@@ -152,6 +161,8 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
         calls = message.get("tool_calls")
         if calls is not None and (role != "assistant" or not isinstance(calls, list)):
             raise RequestError(f"{where}.tool_calls must be a list on an assistant message", code="invalid_messages")
+        if calls:
+            _check_writable({"messages": [{"tool_calls": calls}]}, f"{where}.tool_calls", "invalid_messages")
         if not isinstance(content, str) and not (content is None and calls):
             raise RequestError(f"{where}.content must be a string", code="invalid_messages")
         if role == "tool" and not isinstance(message.get("tool_call_id"), str):
@@ -161,6 +172,15 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
                 raise RequestError(f"{where}.{name} must be a string", code="invalid_messages")
         out.append(dict(message))
     return tuple(out)
+
+
+def _check_writable(where: dict[str, Any], name: str, code: str) -> None:
+    """Refuse a value nested deeper than the provider request can be written (orjson writes 254 levels,
+    though it reads 1,024); ``where`` puts it as deep as it will be in that request."""
+    try:
+        orjson.dumps(where)
+    except orjson.JSONEncodeError:
+        raise RequestError(f"{name} is nested too deeply", code=code) from None
 
 
 def _check_size(messages: Sequence[dict[str, Any]], config: Config) -> None:

@@ -324,7 +324,8 @@ def _logfmt(value: object) -> str:
         return "-"
     text = str(value)
     if not text or any(c.isspace() or c in '="\\' or not c.isprintable() for c in text):
-        return orjson.dumps(text).decode()
+        # Lone surrogates (undecodable bytes a client sent, as aiohttp decodes headers) are not UTF-8.
+        return orjson.dumps(text.encode("utf-8", "backslashreplace").decode()).decode()
     return text
 
 
