@@ -9,6 +9,8 @@ after it has.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 from typing import Any
@@ -28,6 +30,7 @@ __all__ = [
     "UpstreamTimeout",
     "error_response",
     "excerpt",
+    "let_go_of_cancellation",
     "redact",
 ]
 
@@ -117,6 +120,19 @@ class UpstreamStatusError(UpstreamError):
 
 class ClientGone(Exception):
     """The downstream client closed its connection; there is no one to tell."""
+
+
+def let_go_of_cancellation(task: asyncio.Future[Any]) -> None:
+    """A done callback: take the CancelledError a cancelled task keeps until someone asks for its result.
+
+    Its traceback holds the frames the cancellation passed through, and those
+    hold the task (a generation holds its task, so does a timeout): a cycle
+    per cancelled task, which only the garbage collector would free, and it
+    runs seldom (see handlers/runtime.py).
+    """
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
 
 
 _STATUS_CODES: dict[int, tuple[str, bool]] = {

@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..config import DEMO_MODEL
+from ..errors import let_go_of_cancellation
 from ..keys import config_key
 from ..routes.chat_request import read_body
 
@@ -145,7 +146,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         obj = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
         return orjson.dumps({**obj, "choices": [choice]}).decode()
 
-    response = EventSourceResponse(sep="\n", allow_all_methods=True)
+    response = _EventSource(sep="\n", allow_all_methods=True)
     await response.prepare(request)
     try:
         await response.send(chunk({"role": "assistant", "content": None, "reasoning_content": ""}))
@@ -170,6 +171,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         response.stop_streaming()
     return response
+
+
+class _EventSource(EventSourceResponse):
+    """aiohttp-sse's response, whose keep-alive task lets go of its CancelledError once stopped.
+
+    Awaiting ``wait()`` would collect it as well, but would keep the handler
+    running on a connection the relay may have dropped, and aiohttp then ties
+    the connection's error to the request, a cycle of its own.
+    """
+
+    def stop_streaming(self) -> None:
+        super().stop_streaming()
+        if self._ping_task is not None:
+            self._ping_task.add_done_callback(let_go_of_cancellation)
 
 
 def _last_user_text(messages: Any) -> str:

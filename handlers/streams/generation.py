@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 
 from ..config import Config
-from ..errors import ClientGone, RelayError, UpstreamError
+from ..errors import ClientGone, RelayError, UpstreamError, let_go_of_cancellation
 from ..metrics import Metrics
 from ..provider.upstream import Upstream, stream_chat
 from ..routes.chat_request import ChatRequest
@@ -267,7 +267,8 @@ class Generation:
             failure = self._stop_reason or cancelled()
             raise
         except RelayError as exc:
-            failure = exc
+            # Kept past this block, with its traceback it would tie this frame (and the stream) into a cycle.
+            failure = exc.with_traceback(None)
         except Exception:
             logger.exception("stream %s failed", self.id)
             failure = RelayError("the relay failed unexpectedly; see the server log")
@@ -382,6 +383,7 @@ class Streams:
         self._running += 1
         self._per_client[client] = self._per_client.get(client, 0) + 1
         generation.task = asyncio.create_task(self._run(generation, session, upstream, chat))
+        generation.task.add_done_callback(let_go_of_cancellation)
         return generation
 
     async def _run(
@@ -436,6 +438,7 @@ class Streams:
         """Wake readers whose client has gone, and drop those stalled on a write, within about a second."""
         loop = asyncio.get_running_loop()
         stall_timeout = self.config.stall_timeout
+        reader: Reader | None = None
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = loop.time()
@@ -445,6 +448,8 @@ class Streams:
                     reader.sink.abort()
                 elif reader.sink.gone:
                     reader.wake()
+            # Not kept while asleep: the last reader looked at (its connection, its stream) would stay referenced.
+            reader = None
 
     async def drain(self) -> None:
         """Graceful shutdown: refuse new streams, let running ones finish up to the deadline, then end them."""
