@@ -23,6 +23,9 @@ __all__ = ["Config", "app_factory", "create_app", "main"]
 
 logger = logging.getLogger("thinkstream")
 
+# Seconds aiohttp gives requests still under way once the streams are drained (see main).
+_AFTER_DRAIN = 0.5
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; return the process exit status."""
@@ -63,9 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             # No access log: GET /stream URLs carry the user's prompt.
             access_log=None,
             print=announce,
-            # The app drains its streams first (up to shutdown_timeout); then connections get a
-            # few seconds to flush their last events before aiohttp cancels what is left.
-            shutdown_timeout=config.shutdown_timeout + 5,
+            # Not the whole shutdown's: aiohttp first closes the listener and idle connections, then
+            # the app drains its streams (up to --shutdown-timeout, ending the rest with server_shutdown),
+            # then aiohttp gives every request still under way this long before it cancels it (and as
+            # long again to end): a stream's last event, or a body that is still coming.
+            shutdown_timeout=_AFTER_DRAIN,
             loop=loop,
         )
     except OSError as exc:
