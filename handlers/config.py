@@ -247,6 +247,13 @@ class Config:
         env=["THINKSTREAM_TRUSTED_PROXIES"],
         flag="--trusted-proxies",
     )
+    ipv6_prefix: int = _setting(
+        64,
+        "Length of the network prefix that makes one IPv6 client for the per-client limits (a host "
+        "commonly has a whole /64); 128 tells every address apart.",
+        env=["THINKSTREAM_IPV6_PREFIX"],
+        flag="--ipv6-prefix",
+    )
     cors_origins: tuple[str, ...] = _setting(
         (),
         "Comma-separated origins (scheme://host[:port]) whose pages may call the API from a "
@@ -372,6 +379,8 @@ def _validate(config: Config) -> None:
         limits.parse(config.rate_limit)
     except ValueError:
         raise ConfigError(f"rate limit {config.rate_limit!r} is not of the form N/second, N/minute or N/hour") from None
+    if not 1 <= config.ipv6_prefix <= 128:
+        raise ConfigError(f"ipv6_prefix must be between 1 and 128 bits, not {config.ipv6_prefix}")
     for proxy in config.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)

@@ -639,6 +639,41 @@ async def test_behind_a_trusted_proxy_each_forwarded_address_is_its_own_client(
         assert other.status == 200
 
 
+@pytest.mark.parametrize(
+    ("settings", "neighbour_limited"),
+    [
+        pytest.param({}, True, id="by their /64, by default"),
+        pytest.param({"ipv6_prefix": 48}, True, id="by their /48"),
+        pytest.param({"ipv6_prefix": 128}, False, id="by their whole address, with a prefix of 128"),
+    ],
+)
+async def test_ipv6_clients_are_told_apart_by_their_network_prefix(
+    relay_to: RelayFactory, answers: FakeProvider, settings: dict[str, Any], neighbour_limited: bool
+) -> None:
+    # One IPv6 host commonly has a whole /64 to itself: each of its addresses must not bring a fresh allowance.
+    client = await relay_to(rate_limit=TWO_AN_HOUR, trusted_proxies=("127.0.0.1",), **settings)
+    for address in ("2001:db8:0:1::1", "2001:db8:0:1:aaaa:bbbb:cccc:dddd"):
+        async with client.get("/models", headers={"X-Forwarded-For": address}) as response:
+            assert response.status == 200
+
+    async with client.get("/models", headers={"X-Forwarded-For": "2001:db8:0:1::2"}) as neighbour:
+        assert (neighbour.status == 429) is neighbour_limited
+    async with client.get("/models", headers={"X-Forwarded-For": "2001:db8:ffff:2::1"}) as other_network:
+        assert other_network.status == 200
+
+
+async def test_an_ipv4_address_in_ipv6_form_is_the_ipv4_client(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(rate_limit=TWO_AN_HOUR, trusted_proxies=("127.0.0.1",))
+    for address in ("203.0.113.7", "::ffff:203.0.113.7"):
+        async with client.get("/models", headers={"X-Forwarded-For": address}) as response:
+            assert response.status == 200
+
+    async with client.get("/models", headers={"X-Forwarded-For": "::ffff:203.0.113.7"}) as third:
+        assert third.status == 429
+    async with client.get("/models", headers={"X-Forwarded-For": "203.0.113.8"}) as other:
+        assert other.status == 200
+
+
 SPOOFED = [
     pytest.param(
         lambda spoof: {"X-Forwarded-For": f"{spoof}, 203.0.113.1"},
@@ -706,6 +741,7 @@ async def test_the_stream_log_names_a_token_client_by_fingerprint_only(
     [
         pytest.param((), "203.0.113.9", "127.0.0.1", id="the peer, when no proxy is trusted"),
         pytest.param(("127.0.0.1",), "203.0.113.9", "203.0.113.9", id="the forwarded address, from a trusted proxy"),
+        pytest.param(("127.0.0.1",), "2001:db8:0:1::9", "2001:db8:0:1::/64", id="an IPv6 client, by its /64"),
     ],
 )
 async def test_the_stream_log_names_an_anonymous_client_by_address(

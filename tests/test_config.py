@@ -89,6 +89,7 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         (["--log-level", "loud"], "log level"),
         (["--max-line-bytes", "10"], "max_line_bytes"),
         (["--allowed-hosts", "https://chat.example.com"], "allowed host"),
+        (["--ipv6-prefix", "129"], "ipv6_prefix"),
     ],
     ids=[
         "url-without-scheme",
@@ -101,6 +102,7 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         "unknown-log-level",
         "tiny-line-limit",
         "allowed-host-a-url",
+        "ipv6-prefix-too-long",
     ],
 )
 def test_bad_values_fail_at_start_up_saying_what_to_fix(args: list[str], message: str) -> None:
