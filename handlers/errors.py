@@ -213,13 +213,13 @@ class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
 # Things shaped like API keys (sk-…, including masked ones such as "sk-proj-****abcd").
 _KEY_SHAPES = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_*\-]{6,}")
 # The shortest run of the key's characters that is taken for a piece of it.
-KEY_RUN = 10
+_KEY_RUN = 10
 # How far past a cut ``excerpt`` looks, so that a key shape the cut would split is still recognised.
 _EXCERPT_SLACK = 256
 
 
 def redact(text: str, secret: str | None) -> str:
-    """``text`` without ``secret``, any run of ``KEY_RUN`` of its characters, or anything shaped like an API key.
+    """``text`` without ``secret``, any run of ten of its characters, or anything shaped like an API key.
 
     Providers echo keys in their error messages (OpenAI: "Incorrect API key
     provided: sk-proj-****abcd"), whole, masked or cut short, and those
@@ -236,15 +236,15 @@ def excerpt(text: str, limit: int, secret: str | None) -> str:
 
 
 def _without_runs_of(secret: str, text: str) -> str:
-    """``text`` with each stretch made of runs of ``KEY_RUN`` characters of ``secret`` replaced, once."""
-    if len(secret) < KEY_RUN:
+    """``text`` with each stretch made of runs of ten characters of ``secret`` replaced, once."""
+    if len(secret) < _KEY_RUN:
         return text.replace(secret, "[redacted]")
     spans: list[tuple[int, int]] = []
-    for start in range(len(secret) - KEY_RUN + 1):
-        run = secret[start : start + KEY_RUN]
+    for start in range(len(secret) - _KEY_RUN + 1):
+        run = secret[start : start + _KEY_RUN]
         at = text.find(run)
         while at >= 0:
-            spans.append((at, at + KEY_RUN))
+            spans.append((at, at + _KEY_RUN))
             at = text.find(run, at + 1)
     if not spans:
         return text
