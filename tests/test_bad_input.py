@@ -62,9 +62,9 @@ def over_the_limit(data: Any) -> Bad:
     return Bad("POST", "/stream", 413, "body_too_large", ("1024",), kwargs, {"max_body_bytes": 1024})
 
 
-def nested(depth: int) -> bytes:
-    """JSON for a value nested ``depth`` lists deep (deeper than orjson would write)."""
-    return b"[" * depth + b'"deep"' + b"]" * depth
+def too_deep(template: bytes, code: str, name: str) -> Bad:
+    """A POST of ``template`` with a value 300 lists deep where it has ``%s``: deeper than orjson writes."""
+    return post_raw(template % (b"[" * 300 + b'"deep"' + b"]" * 300), code, name)
 
 
 def with_messages(**options: Any) -> dict[str, Any]:
@@ -224,25 +224,20 @@ BAD_OPTIONS = [
     pytest.param(post(with_messages(model=5), "invalid_parameter", "model"), id="model a number"),
     # orjson reads JSON nested 1,024 deep but writes at most 254 levels: the provider request must be writable.
     pytest.param(
-        post_raw(
-            b'{"messages": %s, "tools": [{"function": %s}]}' % (orjson.dumps(HELLO), nested(300)),
-            "invalid_parameter",
-            "tools",
-        ),
+        too_deep(b'{"messages": [{"role": "user", "content": "hi"}], "tools": [%s]}', "invalid_parameter", "tools"),
         id="tools nested 300 deep",
     ),
     pytest.param(
-        post_raw(
-            b'{"messages": %s, "tool_choice": {"function": %s}}' % (orjson.dumps(HELLO), nested(300)),
+        too_deep(
+            b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"function": %s}}',
             "invalid_parameter",
             "tool_choice",
         ),
         id="tool_choice nested 300 deep",
     ),
     pytest.param(
-        post_raw(
-            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [%s]}]}'
-            % nested(300),
+        too_deep(
+            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [%s]}]}',
             "invalid_messages",
             "messages[1].tool_calls",
         ),
@@ -308,29 +303,16 @@ WRONG_METHODS = [
     pytest.param(Bad("PATCH", "/stream", 405, "method_not_allowed"), id="PATCH /stream"),
 ]
 
+
+def encoded_as(encoding: str, body: bytes) -> Bad:
+    """A POST whose ``Content-Encoding`` says ``encoding``, though ``body`` is not that."""
+    headers = {**JSON, "Content-Encoding": encoding}
+    return Bad("POST", "/stream", 400, "unreadable_body", (encoding,), {"data": body, "headers": headers})
+
+
 UNREADABLE_BODIES = [
-    pytest.param(
-        Bad(
-            "POST",
-            "/stream",
-            400,
-            "unreadable_body",
-            ("gzip",),
-            {"data": orjson.dumps(with_messages()), "headers": {**JSON, "Content-Encoding": "gzip"}},
-        ),
-        id="Content-Encoding gzip, but not gzip",
-    ),
-    pytest.param(
-        Bad(
-            "POST",
-            "/stream",
-            400,
-            "unreadable_body",
-            ("deflate",),
-            {"data": b"\x78\x9c" + b"\xff" * 40, "headers": {**JSON, "Content-Encoding": "deflate"}},
-        ),
-        id="Content-Encoding deflate, but broken",
-    ),
+    pytest.param(encoded_as("gzip", orjson.dumps(with_messages())), id="Content-Encoding gzip, but not gzip"),
+    pytest.param(encoded_as("deflate", b"\x78\x9c" + b"\xff" * 40), id="Content-Encoding deflate, but broken"),
 ]
 
 EVERY_BAD_REQUEST = [
