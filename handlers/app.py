@@ -102,7 +102,12 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
 async def _streams(app: web.Application) -> AsyncIterator[None]:
     """The registry of generations; closed after the client session is no longer needed by them."""
     config = app[config_key]
-    store = MemoryStreamStore(stream_bytes=config.stream_buffer_bytes, total_bytes=config.buffer_total_bytes)
+    store = MemoryStreamStore(
+        stream_bytes=config.stream_buffer_bytes,
+        total_bytes=config.buffer_total_bytes,
+        max_streams=config.max_streams,
+        client_streams=config.client_streams,
+    )
     streams = Streams(config, store)
     app[streams_key] = streams
     streams.start_watchdog()

@@ -22,7 +22,7 @@ def seqs(read: tuple[Events | None, bool]) -> list[int]:
 
 
 async def test_events_are_numbered_from_one_and_read_after_any_position() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     await log.append([event(1), event(2)])
     await log.append([event(3)])
 
@@ -34,7 +34,7 @@ async def test_events_are_numbered_from_one_and_read_after_any_position() -> Non
 
 
 async def test_an_append_returns_its_events_numbered_and_reads_give_them_back() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     await log.append([("meta", b'{"type":"meta"}')])
     appended = await log.append([("reasoning", b'{"text":"a"}'), ("content", b'{"text":"b"}')])
 
@@ -51,7 +51,7 @@ async def test_a_log_costs_little_more_memory_than_its_events_text() -> None:
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        log = MemoryStreamStore(stream_bytes=1024 * KIB, total_bytes=1024 * KIB).create("s")
+        log = await MemoryStreamStore(stream_bytes=1024 * KIB, total_bytes=1024 * KIB).create("s")
         for i in range(1000):
             await log.append([event(i, size=40)])
         used = tracemalloc.get_traced_memory()[0] - before
@@ -62,7 +62,7 @@ async def test_a_log_costs_little_more_memory_than_its_events_text() -> None:
 
 
 async def test_a_finished_log_says_so_to_readers_at_its_end() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     await log.append([event(1)])
     await log.finish()
 
@@ -71,7 +71,7 @@ async def test_a_finished_log_says_so_to_readers_at_its_end() -> None:
 
 
 async def test_subscribers_are_woken_by_appends_and_by_the_end() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     wakes: list[str] = []
     log.subscribe(lambda: wakes.append("woken"))
     await log.append([event(1)])
@@ -81,7 +81,7 @@ async def test_subscribers_are_woken_by_appends_and_by_the_end() -> None:
 
 
 async def test_an_unsubscribed_reader_is_not_woken() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     wakes: list[str] = []
 
     def wake() -> None:
@@ -96,7 +96,7 @@ async def test_an_unsubscribed_reader_is_not_woken() -> None:
 
 async def test_a_long_stream_keeps_only_its_newest_events_within_its_budget() -> None:
     store = MemoryStreamStore(stream_bytes=16 * KIB, total_bytes=64 * KIB)
-    log = store.create("long")
+    log = await store.create("long")
     largest = 0
     for i in range(1, 5001):
         await log.append([event(i, size=200)])
@@ -108,7 +108,7 @@ async def test_a_long_stream_keeps_only_its_newest_events_within_its_budget() ->
 
 async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
     store = MemoryStreamStore(stream_bytes=4 * KIB, total_bytes=64 * KIB)
-    log = store.create("s")
+    log = await store.create("s")
     for i in range(1, 200):
         await log.append([event(i, size=100)])
 
@@ -118,21 +118,21 @@ async def test_reading_evicted_events_is_a_gap_not_a_silent_hole() -> None:
 
 async def test_finished_streams_lose_their_events_first_when_memory_runs_short() -> None:
     store = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=12 * KIB)
-    old = store.create("old")
+    old = await store.create("old")
     await old.append([event(i, size=700) for i in range(10)])
     await old.finish()
-    live = store.create("live")
+    live = await store.create("live")
     await live.append([event(i, size=700) for i in range(10)])
 
     assert store.size <= 12 * KIB
     assert seqs(await live.read(0)) == list(range(1, 11))
-    assert store.get("old") is old, "its record stays, so a resume hears of the gap"
+    assert await store.get("old") is old, "its record stays, so a resume hears of the gap"
     with pytest.raises(LogGap):
         await old.read(0)
 
 
 async def test_a_position_beyond_the_last_event_is_refused() -> None:
-    log = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=8 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=8 * KIB).create("s")
     await log.append([event(1)])
 
     with pytest.raises(ValueError):
@@ -141,7 +141,7 @@ async def test_a_position_beyond_the_last_event_is_refused() -> None:
 
 async def test_running_streams_share_the_total_budget_by_trimming_the_one_that_grows() -> None:
     store = MemoryStreamStore(stream_bytes=8 * KIB, total_bytes=12 * KIB)
-    first, second = store.create("a"), store.create("b")
+    first, second = await store.create("a"), await store.create("b")
     for i in range(40):
         await first.append([event(i, size=500)])
         await second.append([event(i, size=500)])
@@ -153,18 +153,18 @@ async def test_running_streams_share_the_total_budget_by_trimming_the_one_that_g
 
 async def test_discarding_a_stream_frees_its_memory() -> None:
     store = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB)
-    log = store.create("s")
+    log = await store.create("s")
     await log.append([event(1, size=1000)])
     store.discard("s")
 
-    assert store.get("s") is None
+    assert await store.get("s") is None
     assert store.size == 0
     assert len(store) == 0
 
 
 async def test_a_long_backlog_is_read_in_bounded_steps_that_together_give_every_event() -> None:
     # A reader resuming far behind never holds the event loop for the whole backlog at once.
-    log = MemoryStreamStore(stream_bytes=1024 * KIB, total_bytes=1024 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=1024 * KIB, total_bytes=1024 * KIB).create("s")
     for i in range(1, 2001):
         await log.append([event(i, size=100)])
     size = len(event(0, size=100)[1])
@@ -183,7 +183,7 @@ async def test_a_long_backlog_is_read_in_bounded_steps_that_together_give_every_
 
 
 async def test_a_read_with_no_byte_budget_still_gives_the_next_event() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     await log.append([event(1), event(2), event(3)])
 
     assert seqs(await log.read(1, max_bytes=0)) == [2]
@@ -191,7 +191,7 @@ async def test_a_read_with_no_byte_budget_still_gives_the_next_event() -> None:
 
 async def test_an_event_of_unknown_type_is_refused_and_leaves_the_log_as_it_was() -> None:
     store = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB)
-    log = store.create("s")
+    log = await store.create("s")
     await log.append([event(1)])
 
     with pytest.raises(KeyError):
@@ -204,7 +204,7 @@ async def test_an_event_of_unknown_type_is_refused_and_leaves_the_log_as_it_was(
 
 async def test_a_stream_long_past_its_budget_reads_right_and_keeps_no_bookkeeping_for_dropped_events() -> None:
     store = MemoryStreamStore(stream_bytes=4 * KIB, total_bytes=64 * KIB)
-    log = store.create("s")
+    log = await store.create("s")
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
@@ -221,7 +221,7 @@ async def test_a_stream_long_past_its_budget_reads_right_and_keeps_no_bookkeepin
 
 
 async def test_an_event_whose_text_is_not_bytes_is_refused_and_leaves_the_log_as_it_was() -> None:
-    log = MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
+    log = await MemoryStreamStore(stream_bytes=64 * KIB, total_bytes=64 * KIB).create("s")
     await log.append([event(1)])
 
     with pytest.raises(TypeError):

@@ -24,10 +24,18 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from ..config import Config
 from ..errors import RelayError
 
-__all__ = ["Access", "client_key"]
+__all__ = ["Access", "client_key", "principal"]
 
 # The client a request is attributed to, set by the access middleware.
 client_key = web.RequestKey("client_key", str)
+# How a client that presented an access token is named.
+_TOKEN_CLIENT = "token:"
+
+
+def principal(request: web.Request) -> str | None:
+    """Who owns the streams ``request`` starts: its access token (by fingerprint), or None without tokens."""
+    client = request.get(client_key)
+    return client if client is not None and client.startswith(_TOKEN_CLIENT) else None
 
 
 class Access:
@@ -55,7 +63,7 @@ class Access:
                 code="unauthorized",
                 http_status=401,
             )
-        return "token:" + hashlib.sha256(given).hexdigest()[:12]
+        return _TOKEN_CLIENT + hashlib.sha256(given).hexdigest()[:12]
 
     async def check_rate(self, client: str) -> None:
         """Count one request for ``client``; 429 with Retry-After past the limit."""
