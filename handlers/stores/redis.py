@@ -1,0 +1,643 @@
+"""The Redis store: one stream space served by any number of processes, on any number of machines.
+
+Each generation's events go to a Redis Stream, numbered by the entry ids
+themselves, in one scripted round trip per batch (see
+:mod:`handlers.stores.redis_scripts`). The process that runs a generation
+also keeps its events in memory and serves its own readers from there, as the
+memory store does; readers of streams that run elsewhere wait on Redis
+through one blocking reader per process (:class:`_Follower`), never a
+connection each.
+
+What a process shares beyond the logs:
+
+- the concurrency limits, as leases on slots that a dead process cannot hold;
+- cancellations: a flag on the stream that its owner re-reads every
+  heartbeat, and a pub/sub message that only makes it notice sooner;
+- readers: each process registers the streams it reads, so that an owner
+  cancels an abandoned generation only when no process has a reader;
+- liveness: the owner's lease on each running stream; when it lapses (the
+  process died), any process that reads the stream ends its log with a
+  retryable ``generation_lost`` error, so no reader waits forever.
+
+A Redis that cannot be reached is :class:`~handlers.errors.StoreUnavailable`
+(503 before a stream starts, a retryable ``error`` event after); the client
+reconnects by itself once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis import exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from ..errors import RelayError, StoreUnavailable, server_busy, too_many_streams
+from . import redis_scripts
+from .log import EVENT_CODES, EVENT_TYPES, READ_BYTES, Events, LogClosed, LogGap, Owner, StreamLog, StreamStore
+from .memory import MemoryStreamLog, MemoryStreamStore
+
+__all__ = ["RedisStreamStore", "connect"]
+
+logger = logging.getLogger(__name__)
+
+# Seconds a process's lease on a running stream (and its registration as a reader) lasts without renewal,
+# and how often it renews them: a dead owner's readers hear of it within LEASE + REAP_EVERY.
+LEASE = 5.0
+HEARTBEAT = 1.0
+REAP_EVERY = 1.0
+# How long the shared reader blocks on Redis: well below the client's socket timeout.
+BLOCK_MS = 1000
+# Seconds between attempts to reach a Redis that is down.
+_RETRY = 1.0
+
+_SCRIPTS = {
+    name: getattr(redis_scripts, name)
+    for name in ("APPEND", "CANCEL", "CREATE", "FINISH", "HEARTBEAT", "JOIN", "OPEN", "READ", "READERS", "REAP")
+}
+_SCRIPTS["LEAVE"] = "redis.call('ZREM', ARGV[1] .. ':readers:' .. ARGV[2], ARGV[3]) return 1"
+_LAST_CODES = frozenset({EVENT_CODES["done"], EVENT_CODES["error"]})
+# Errors that mean Redis is not there (a ConnectionError covers a server still loading its data).
+_UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+
+
+# Seconds the client waits for a connection and for an answer (BLOCK_MS stays below the latter).
+_CONNECT_TIMEOUT = 2.0
+_SOCKET_TIMEOUT = 5.0
+# Connections in the pool: the calls go in pipelines, so a few carry them all; the rate limiter
+# and the blocking reader take one each while they wait.
+_POOL = 32
+
+
+def connect(url: str) -> aioredis.Redis:
+    """A client for ``url``; it connects when first used, so a Redis that is down never stops start-up."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=_POOL,
+        timeout=_SOCKET_TIMEOUT,
+        socket_connect_timeout=_CONNECT_TIMEOUT,
+        socket_timeout=_SOCKET_TIMEOUT,
+        # One immediate retry on a fresh connection (after a Redis restart the pooled ones are dead),
+        # then fail fast: a client gets a retryable error rather than a hang.
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=30,
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def _lost() -> bytes:
+    error = RelayError(
+        "the server that ran this stream stopped before it finished; ask again",
+        code="generation_lost",
+        retryable=True,
+    )
+    return orjson.dumps(error.event())
+
+
+class _Calls:
+    """Script calls made in one turn of the event loop go to Redis together, in one pipeline.
+
+    One pipeline is in flight at a time: under load, the calls made while it
+    travels form the next one, so that a thousand streams appending cost a
+    few round trips, not a thousand connections.
+    """
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._shas = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SCRIPTS.items()}
+        self._queue: list[tuple[str, Sequence[Any], asyncio.Future[Any]]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def __call__(self, name: str, *args: Any) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((name, args, future))
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+        return await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for _, _, future in self._queue:
+            future.cancel()
+        self._queue.clear()
+
+    async def _run(self) -> None:
+        try:
+            while self._queue:
+                batch, self._queue = self._queue, []
+                try:
+                    results = await self._execute(batch)
+                except _UNREACHABLE as exc:
+                    logger.debug("redis is unreachable: %r", exc)
+                    results = [StoreUnavailable() for _ in batch]
+                except redis_errors.RedisError as exc:
+                    logger.error("redis refused a script: %s", exc)
+                    results = [RelayError("the stream store failed; see the server log") for _ in batch]
+                for (_, _, future), result in zip(batch, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._task = None
+
+    async def _execute(self, batch: list[tuple[str, Sequence[Any], asyncio.Future[Any]]]) -> list[Any]:
+        results = await self._pipeline(batch)
+        missing = [i for i, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
+        if missing:
+            # Redis restarted (or its scripts were flushed): load them and run what failed again.
+            for name, source in _SCRIPTS.items():
+                await self._client.script_load(source)
+                logger.debug("loaded redis script %s", name)
+            again = await self._pipeline([batch[i] for i in missing])
+            for i, result in zip(missing, again, strict=True):
+                results[i] = result
+        for i, result in enumerate(results):
+            if isinstance(result, redis_errors.ResponseError):
+                logger.error("redis script %s failed: %s", batch[i][0], result)
+                results[i] = RelayError("the stream store failed; see the server log")
+        return results
+
+    async def _pipeline(self, batch: Sequence[tuple[str, Sequence[Any], asyncio.Future[Any]]]) -> list[Any]:
+        pipe = self._client.pipeline(transaction=False)
+        for name, args, _ in batch:
+            pipe.evalsha(self._shas[name], 0, *args)
+        return list(await pipe.execute(raise_on_error=False))
+
+
+class _Followed:
+    __slots__ = ("key", "position", "wakers")
+
+    def __init__(self, key: bytes, position: int) -> None:
+        self.key = key
+        self.position = position
+        self.wakers: set[Callable[[], None]] = set()
+
+
+class _Follower:
+    """This process's one blocking reader of the streams it follows that run elsewhere.
+
+    One ``XREAD BLOCK`` covers every followed stream (and a key of this
+    process's own, written to interrupt the wait when a stream is added). It
+    wakes the readers of a stream when its log grows; they read the events
+    themselves. Every second it also ends the logs of streams whose owner's
+    lease lapsed.
+    """
+
+    def __init__(self, store: RedisStreamStore) -> None:
+        self._store = store
+        self._streams: dict[str, _Followed] = {}
+        self._by_key: dict[bytes, _Followed] = {}
+        self._wake_key = f"{store.prefix}:wake:{store.process}".encode()
+        self._seen = b"0-0"
+        self._changed = asyncio.Event()
+        self._wake_pending = False
+
+    def subscribe(self, stream_id: str, position: int, wake: Callable[[], None]) -> None:
+        followed = self._streams.get(stream_id)
+        if followed is None:
+            key = self._store.key("log", stream_id).encode()
+            followed = self._streams[stream_id] = self._by_key[key] = _Followed(key, position)
+            self._interrupt()
+        followed.position = max(followed.position, position)
+        followed.wakers.add(wake)
+
+    def unsubscribe(self, stream_id: str, wake: Callable[[], None]) -> None:
+        followed = self._streams.get(stream_id)
+        if followed is None:
+            return
+        followed.wakers.discard(wake)
+        if not followed.wakers:
+            del self._streams[stream_id]
+            del self._by_key[followed.key]
+
+    def _interrupt(self) -> None:
+        """Make the blocked read start again with the new set of streams."""
+        self._changed.set()
+        if not self._wake_pending:
+            self._wake_pending = True
+            asyncio.get_running_loop().call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_pending = False
+        self._store.spawn(self._store.client.xadd(self._wake_key, {b"w": b"1"}, maxlen=1))
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        client = self._store.client
+        reaped_at = loop.time()
+        while True:
+            if not self._streams:
+                self._changed.clear()
+                await self._changed.wait()
+                continue
+            self._changed.clear()
+            keys: dict[bytes, bytes] = {self._wake_key: self._seen}
+            for followed in self._streams.values():
+                keys[followed.key] = f"{followed.position}-0".encode()
+            try:
+                result = await client.xread(keys, count=256, block=BLOCK_MS)  # type: ignore[arg-type]
+            except _UNREACHABLE as exc:
+                logger.warning("the stream store is unreachable: %r", exc)
+                self._wake_all()  # Their reads fail too, and they tell their clients.
+                await asyncio.sleep(_RETRY)
+                continue
+            for key, entries in result or ():
+                if key == self._wake_key:
+                    self._seen = entries[-1][0]
+                    continue
+                grown = self._by_key.get(key)
+                if grown is None or not entries:
+                    continue
+                grown.position = int(entries[-1][0].split(b"-", 1)[0])
+                for wake in list(grown.wakers):
+                    wake()
+            if loop.time() - reaped_at >= REAP_EVERY:
+                reaped_at = loop.time()
+                await self._reap()
+
+    async def _reap(self) -> None:
+        """End the logs of followed streams whose owner died: their readers get the error as the log's end."""
+        if not self._streams:
+            return
+        store = self._store
+        try:
+            ended = await store.calls(
+                "REAP", store.prefix, store.retention_ms, store.globals_ttl_ms, _lost(), *self._streams
+            )
+        except RelayError:
+            return
+        for stream_id in ended:
+            logger.warning("stream %s lost the process that ran it; its log ends with an error", stream_id.decode())
+
+    def _wake_all(self) -> None:
+        for followed in self._streams.values():
+            for wake in list(followed.wakers):
+                wake()
+
+
+class _OwnedLog(StreamLog):
+    """The log of a generation running in this process: written to Redis, then kept in memory for its readers here.
+
+    An event reaches this process's readers only once Redis has it, so a
+    client that resumes on another process never finds fewer events than it
+    was sent.
+    """
+
+    def __init__(self, store: RedisStreamStore, mirror: MemoryStreamLog) -> None:
+        self.stream_id = mirror.stream_id
+        self.principal = mirror.principal
+        self._store = store
+        self._mirror = mirror
+        self._last = 0
+        # Redis failed: the stream is ending, and its last events are kept here only.
+        self._broken = False
+        self._closed = False
+
+    async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
+        if self._closed:
+            raise LogClosed(self.stream_id)
+        if not self._broken:
+            # Types and texts are checked before anything is sent, as the memory log does.
+            kinds = "".join([str(EVENT_CODES[kind]) for kind, _ in events])
+            blob = b"".join([data for _, data in events])
+            lengths = " ".join([str(len(data)) for _, data in events])
+            store = self._store
+            call = asyncio.ensure_future(
+                store.calls(
+                    "APPEND",
+                    store.prefix,
+                    self.stream_id,
+                    store.process,
+                    self._last,
+                    store.stream_bytes,
+                    store.total_bytes,
+                    store.running_ttl_ms,
+                    store.retention_ms,
+                    store.globals_ttl_ms,
+                    kinds,
+                    lengths,
+                    blob,
+                )
+            )
+            try:
+                result = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # The events may reach Redis all the same: keep this copy in step before giving up.
+                with contextlib.suppress(Exception):
+                    if await call == b"ok":
+                        await self._keep(events)
+                raise
+            except StoreUnavailable:
+                self._broken = True
+                raise
+            if result != b"ok":
+                self._closed = True
+                if result != b"closed":
+                    logger.error("stream %s: the log in redis is not where this process left it", self.stream_id)
+                await self._catch_up()
+                raise LogClosed(self.stream_id)
+        return await self._keep(events)
+
+    async def _catch_up(self) -> None:
+        """The stream was ended elsewhere: give this process's readers the same end as everyone's."""
+        remote = _RemoteLog(self._store, self.stream_id, self.principal, self._last)
+        with contextlib.suppress(RelayError, LogGap, ValueError):
+            while True:
+                events, _ = await remote.read(self._last)
+                if events is None:
+                    return
+                await self._keep(events.items)
+
+    async def _keep(self, events: Sequence[tuple[str, bytes]]) -> Events:
+        appended = await self._mirror.append(events)
+        self._last = appended.last
+        if EVENT_CODES[events[-1][0]] in _LAST_CODES and not self._broken:
+            # Redis finished the log with its last event.
+            self._closed = True
+        return appended
+
+    async def finish(self) -> None:
+        store = self._store
+        if not self._broken and not self._closed:
+            self._closed = True
+            with contextlib.suppress(RelayError):
+                await store.calls(
+                    "FINISH", store.prefix, self.stream_id, store.process, store.retention_ms, store.globals_ttl_ms
+                )
+        store.forget_owner(self.stream_id)
+        await self._mirror.finish()
+
+    async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
+        try:
+            return await self._mirror.read(after, max_bytes)
+        except LogGap:
+            if self._broken:
+                raise
+            # This process's copy is bounded by its own memory; Redis may keep more.
+            return await _RemoteLog(self._store, self.stream_id, self.principal, self._last).read(after, max_bytes)
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        self._mirror.subscribe(wake)
+
+    def unsubscribe(self, wake: Callable[[], None]) -> None:
+        self._mirror.unsubscribe(wake)
+
+
+class _RemoteLog(StreamLog):
+    """A stream as a process that does not run its generation reads it: from Redis."""
+
+    def __init__(self, store: RedisStreamStore, stream_id: str, principal: str | None, last: int) -> None:
+        self.stream_id = stream_id
+        self.principal = principal
+        self._store = store
+        # The newest event this process knows of: the shared reader waits for later ones.
+        self._seen = last
+
+    async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
+        raise LogClosed(f"stream {self.stream_id} is written by the process that runs it")
+
+    async def finish(self) -> None:
+        raise LogClosed(f"stream {self.stream_id} is finished by the process that runs it")
+
+    async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
+        store = self._store
+        result = await store.calls("READ", store.prefix, self.stream_id, after, max_bytes)
+        status = result[0]
+        if status == b"beyond":
+            raise ValueError(f"stream {self.stream_id} has no event {after} yet")
+        if status != b"ok":
+            raise LogGap(f"events after {after} of stream {self.stream_id} are no longer kept")
+        finished, kinds, lengths, blob = bool(result[1]), result[2], result[3], result[4]
+        if not kinds:
+            return None, finished
+        items: list[tuple[str, bytes]] = []
+        offset = 0
+        for code, length in zip(kinds, lengths.split(), strict=True):
+            end = offset + int(length)
+            items.append((EVENT_TYPES[code - 48], blob[offset:end]))  # code: an ASCII digit
+            offset = end
+        self._seen = max(self._seen, after + len(items))
+        return Events(after + 1, items), finished
+
+    def subscribe(self, wake: Callable[[], None]) -> None:
+        self._store.follower.subscribe(self.stream_id, self._seen, wake)
+
+    def unsubscribe(self, wake: Callable[[], None]) -> None:
+        self._store.follower.unsubscribe(self.stream_id, wake)
+
+
+class RedisStreamStore(StreamStore):
+    """Streams kept in Redis, shared by every process configured with the same Redis and prefix."""
+
+    shared = True
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        stream_bytes: int,
+        total_bytes: int,
+        max_streams: int,
+        client_streams: int,
+        retention: float,
+    ) -> None:
+        self.client = client
+        # A hash tag: every key of this relay in one cluster slot, so that one script may touch them all.
+        self.prefix = "{" + prefix + "}"
+        self.process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.stream_bytes = stream_bytes
+        self.total_bytes = total_bytes
+        self.retention_ms = int(retention * 1000)
+        # A running stream's keys outlive its owner's last heartbeat by the retention: a resume
+        # in that time still finds it, ends it, and replays it to its end.
+        self.running_ttl_ms = self.retention_ms + int(LEASE * 1000)
+        self.globals_ttl_ms = self.running_ttl_ms + 60_000
+        self._max_streams = max_streams
+        self._client_streams = client_streams
+        self.calls = _Calls(client)
+        self.follower = _Follower(self)
+        # Logs of the generations running here, in memory for their readers here.
+        self._mirror = MemoryStreamStore(stream_bytes=stream_bytes, total_bytes=total_bytes)
+        self._owners: dict[str, Owner] = {}
+        # Streams running elsewhere that connections here read, and how many connections.
+        self._reading: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+
+    def key(self, kind: str, stream_id: str) -> str:
+        return f"{self.prefix}:{kind}:{stream_id}"
+
+    def start(self) -> None:
+        """Start the heartbeat, the cancellation listener and the shared reader (application start-up)."""
+        self._loops = [
+            asyncio.create_task(self._heartbeat()),
+            asyncio.create_task(self._listen_for_cancels()),
+            asyncio.create_task(self.follower.run()),
+        ]
+
+    async def close(self) -> None:
+        for task in [*self._loops, *self._tasks]:
+            task.cancel()
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.calls.close()
+        await self._mirror.close()
+
+    def spawn(self, coroutine: Any) -> None:
+        """Run ``coroutine`` in the background; what it raises is logged, not lost."""
+        task = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.debug("background redis call failed: %r", task.exception())
+
+    async def create(self, stream_id: str, *, client: str, principal: str | None = None) -> StreamLog:
+        result = await self.calls(
+            "CREATE",
+            self.prefix,
+            stream_id,
+            self.process,
+            client,
+            principal or "",
+            self._max_streams,
+            self._client_streams,
+            int(LEASE * 1000),
+            self.running_ttl_ms,
+            self.globals_ttl_ms,
+        )
+        if result == b"busy":
+            raise server_busy()
+        if result == b"client_busy":
+            raise too_many_streams(self._client_streams)
+        if result != b"ok":
+            raise RelayError(f"stream id {stream_id} is taken; try again")
+        mirror = await self._mirror.create(stream_id, client=client, principal=principal)
+        return _OwnedLog(self, mirror)
+
+    async def get(self, stream_id: str) -> StreamLog | None:
+        found = await self.calls("OPEN", self.prefix, stream_id, self.retention_ms, self.globals_ttl_ms, _lost())
+        if found is None:
+            return None
+        principal, _state, last = found
+        return _RemoteLog(self, stream_id, principal.decode() or None, int(last))
+
+    def discard(self, stream_id: str) -> None:
+        # Redis forgets the stream by itself (every key has a TTL); this process, its copy.
+        self._mirror.discard(stream_id)
+
+    def watch(self, stream_id: str, owner: Owner) -> None:
+        self._owners[stream_id] = owner
+
+    def forget_owner(self, stream_id: str) -> None:
+        self._owners.pop(stream_id, None)
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        return bool(await self.calls("CANCEL", self.prefix, stream_id))
+
+    async def reader_joined(self, stream_id: str) -> None:
+        count = self._reading.get(stream_id, 0)
+        self._reading[stream_id] = count + 1
+        if count == 0:
+            try:
+                await self.calls("JOIN", self.prefix, stream_id, self.process, int(LEASE * 1000), self.running_ttl_ms)
+            except BaseException:
+                self._left(stream_id)
+                raise
+
+    async def reader_left(self, stream_id: str) -> None:
+        if self._left(stream_id):
+            await self.calls("LEAVE", self.prefix, stream_id, self.process)
+
+    def _left(self, stream_id: str) -> bool:
+        """One reader fewer here; True when it was the last."""
+        count = self._reading.get(stream_id, 0) - 1
+        if count > 0:
+            self._reading[stream_id] = count
+            return False
+        self._reading.pop(stream_id, None)
+        return True
+
+    async def readers_elsewhere(self, stream_id: str) -> int:
+        return int(await self.calls("READERS", self.prefix, stream_id))
+
+    async def unavailable(self) -> str | None:
+        try:
+            async with asyncio.timeout(2):
+                await self.client.ping()  # type: ignore[misc]  # redis-py types it as sync or async
+        except (TimeoutError, *_UNREACHABLE):
+            return "the stream store (Redis) is unreachable"
+        except redis_errors.RedisError as exc:
+            return f"the stream store (Redis) refused a ping: {exc}"
+        return None
+
+    async def _heartbeat(self) -> None:
+        """Renew this process's leases and registrations; hear of cancellations and readers elsewhere."""
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            owned, reading = list(self._owners), list(self._reading)
+            if not owned and not reading:
+                continue
+            try:
+                results = await self.calls(
+                    "HEARTBEAT",
+                    self.prefix,
+                    self.process,
+                    int(LEASE * 1000),
+                    self.running_ttl_ms,
+                    self.globals_ttl_ms,
+                    len(owned),
+                    *owned,
+                    *reading,
+                )
+            except RelayError:
+                continue
+            for stream_id, (cancel, readers, closed) in zip(owned, results, strict=True):
+                owner = self._owners.get(stream_id)
+                if owner is None:
+                    continue
+                if cancel or closed:
+                    owner.stop_requested()
+                else:
+                    owner.readers_elsewhere(readers)
+
+    async def _listen_for_cancels(self) -> None:
+        """Cancellations published by any process: a wake-up only (the heartbeat re-reads the flag)."""
+        channel = f"{self.prefix}:cancel"
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(channel)
+                while True:
+                    message = await pubsub.get_message(timeout=BLOCK_MS / 1000)
+                    if message is None or message.get("type") != "message":
+                        continue
+                    owner = self._owners.get(message["data"].decode())
+                    if owner is not None:
+                        owner.stop_requested()
+            except _UNREACHABLE as exc:
+                logger.debug("cancellation listener: redis is unreachable: %r", exc)
+                await asyncio.sleep(_RETRY)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
