@@ -241,6 +241,42 @@ async def stop_server(process: asyncio.subprocess.Process, sig: int = signal.SIG
     return code, rest
 
 
+class RelayProcess:
+    """A real ``python server.py``, its log read as it goes (so that a busy one never blocks on a full pipe)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int, log: bytes) -> None:
+        self.process = process
+        self.port = port
+        self.log = log
+        self._drain = asyncio.ensure_future(self._read_log())
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> RelayProcess:
+        return cls(*await start_server(*args, env=env))
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.log += line
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies with no chance to tidy up, as on a crash or a lost machine."""
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def stop(self, sig: int = signal.SIGINT) -> int:
+        """Signal it (unless it is already dead) and wait for its exit status."""
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        async with asyncio.timeout(30):
+            code = await self.process.wait()
+            await self._drain
+        return code
+
+
 async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
     """Wait until ``condition()`` holds, for things the relay does in its own time; fail saying ``what``."""
     loop = asyncio.get_running_loop()

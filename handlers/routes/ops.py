@@ -30,6 +30,9 @@ async def readyz(request: web.Request) -> web.Response:
     streams = request.config_dict[streams_key]
     if not streams.accepting:
         return web.json_response({"status": "shutting_down"}, status=503)
+    trouble = await streams.store.unavailable()
+    if trouble is not None:
+        return web.json_response({"status": "unavailable", "reason": trouble}, status=503)
     if config.uses_demo:
         return web.json_response({"status": "ok", "provider": "demo"})
     if not config.ready_check:

@@ -66,6 +66,10 @@ _SCRIPTS = {
     for name in ("APPEND", "CANCEL", "CREATE", "FINISH", "HEARTBEAT", "JOIN", "OPEN", "READ", "READERS", "REAP")
 }
 _SCRIPTS["LEAVE"] = "redis.call('ZREM', ARGV[1] .. ':readers:' .. ARGV[2], ARGV[3]) return 1"
+# ARGV: the key, its TTL in ms: interrupts a process's shared reader.
+_SCRIPTS["WAKE"] = (
+    "redis.call('XADD', ARGV[1], 'MAXLEN', 1, '*', 'w', 1) redis.call('PEXPIRE', ARGV[1], tonumber(ARGV[2])) return 1"
+)
 _LAST_CODES = frozenset({EVENT_CODES["done"], EVENT_CODES["error"]})
 # Errors that mean Redis is not there (a ConnectionError covers a server still loading its data).
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
@@ -91,6 +95,8 @@ def connect(url: str) -> aioredis.Redis:
         # then fail fast: a client gets a retryable error rather than a hang.
         retry=Retry(NoBackoff(), 1),
         health_check_interval=30,
+        # CLIENT LIST then shows which process holds which connection.
+        client_name=f"thinkstream-{socket.gethostname()}-{os.getpid()}",
     )
     return aioredis.Redis.from_pool(pool)
 
@@ -235,7 +241,7 @@ class _Follower:
 
     def _send_wake(self) -> None:
         self._wake_pending = False
-        self._store.spawn(self._store.client.xadd(self._wake_key, {b"w": b"1"}, maxlen=1))
+        self._store.spawn(self._store.calls("WAKE", self._wake_key, self._store.running_ttl_ms))
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()

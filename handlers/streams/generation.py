@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,6 +36,9 @@ from .sinks import EventSink
 __all__ = ["Generation", "Reader", "Streams", "cancelled", "server_shutdown"]
 
 logger = logging.getLogger(__name__)
+
+# What the stream ids the relay makes (secrets.token_urlsafe) look like.
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # How often the watchdog looks for readers whose connection has closed.
 WATCH_INTERVAL = 0.5
@@ -465,6 +469,8 @@ class Streams:
         A generation running here is read from this process's memory; any
         other stream from the store.
         """
+        if not _STREAM_ID.fullmatch(stream_id):
+            return None  # Not one of ours: no store is asked about it.
         generation = self._generations.get(stream_id)
         log = generation.log if generation is not None else await self.store.get(stream_id)
         if log is None or (log.principal is not None and log.principal != principal):
