@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import signal
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +22,18 @@ import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from helpers import Received, RedisServer, RelayProcess, chunk, clean_env, eventually, parse_sse, sse
+from helpers import (
+    ROOT,
+    Received,
+    RedisServer,
+    RelayProcess,
+    chunk,
+    clean_env,
+    eventually,
+    free_port,
+    parse_sse,
+    sse,
+)
 
 Relays = Callable[..., Awaitable[list[RelayProcess]]]
 
@@ -504,3 +517,142 @@ async def test_redis_keeps_what_a_finished_stream_needs_and_about_this_many_byte
         prefix = "{" + redis_settings["redis_prefix"] + "}"
         used = await admin.memory_usage(f"{prefix}:log:{events[0].data['stream']}")
     assert used is not None and text_bytes <= used <= 3 * text_bytes + 4096
+
+
+# Metrics, and gunicorn.
+
+
+async def test_any_process_answers_metrics_for_every_process_labelled_by_process(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession
+) -> None:
+    provider.count, provider.interval = 3, 0.0
+    a, b = await relays(2)
+    for relay in (a, b, b):
+        async with http.post(relay.url("/stream"), json=HELLO) as response:
+            await read_events(response)
+    await asyncio.sleep(1.5)  # Each process publishes its metrics every heartbeat.
+
+    async with http.get(a.url("/metrics")) as scraped:
+        text = await scraped.text()
+
+    done = dict(re.findall(r'thinkstream_streams_total\{outcome="done",process="([^"]+)"\} (\S+)', text))
+    assert sorted(float(n) for n in done.values()) == [1.0, 2.0]
+    assert {name.split(":")[1] for name in done} == {str(a.process.pid), str(b.process.pid)}
+    assert text.count("# TYPE thinkstream_streams_total counter") == 1, "one family, however many processes"
+
+
+@dataclass
+class Gunicorn:
+    process: asyncio.subprocess.Process
+    port: int
+    log: bytearray
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+async def gunicorn(provider: Ticking, redis_settings: dict[str, Any]) -> AsyncIterator[Gunicorn]:
+    """``gunicorn 'server:app_factory'`` with two aiohttp workers on one Redis, as the README runs it."""
+    port = free_port()
+    env = clean_env(
+        LLM_BASE_URL=provider.base_url,
+        LLM_MODEL="m",
+        REDIS_URL=redis_settings["redis_url"],
+        THINKSTREAM_REDIS_PREFIX=redis_settings["redis_prefix"],
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "server:app_factory",
+        "--worker-class",
+        "aiohttp.GunicornWebWorker",
+        "--workers",
+        "2",
+        "--bind",
+        f"127.0.0.1:{port}",
+        cwd=ROOT,
+        env=env,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    log = bytearray()
+
+    async def drain() -> None:
+        assert process.stderr is not None
+        while line := await process.stderr.readline():
+            log.extend(line)
+
+    draining = asyncio.ensure_future(drain())
+    server = Gunicorn(process, port, log)
+    async with aiohttp.ClientSession() as session:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(server.url("/readyz")) as ready:
+                    if ready.status == 200:
+                        break
+            assert process.returncode is None, log.decode()
+            assert loop.time() < deadline, f"gunicorn never became ready: {log.decode()}"
+            await asyncio.sleep(0.2)
+    try:
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await process.wait()
+            await draining
+        assert b"Traceback" not in log, log.decode()
+
+
+async def test_gunicorn_with_two_workers_serves_the_page_end_to_end(
+    gunicorn: Gunicorn, provider: Ticking, browser: Any
+) -> None:
+    provider.count, provider.interval = 20, 0.02
+    page = await browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    try:
+        await page.goto(gunicorn.url("/"))
+        await page.wait_for_selector("#model option", state="attached", timeout=20_000)
+        await page.fill("#prompt", "hello")
+        await page.press("#prompt", "Enter")
+        await page.wait_for_function(
+            """() => {
+                const answer = document.querySelector("#messages article.assistant");
+                return answer && answer.getAttribute("aria-busy") === "false";
+            }""",
+            timeout=20_000,
+        )
+        shown = await page.locator("#messages article.assistant .answer").inner_text()
+    finally:
+        await page.close()
+
+    assert shown.split() == provider.answer().split()
+    assert problems == []
+
+
+async def test_under_gunicorn_each_worker_serves_streams_and_metrics_count_both(
+    gunicorn: Gunicorn, provider: Ticking
+) -> None:
+    provider.count, provider.interval = 2, 0.0
+    # New connections every time, so that the kernel spreads them over the workers.
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        streams = []
+        for _ in range(20):
+            async with http.post(gunicorn.url("/stream"), json=HELLO) as response:
+                streams.append(await read_events(response))
+        # Each stream replays whole whichever worker a resume lands on.
+        for events in streams[:5]:
+            async with http.get(gunicorn.url(f"/stream/{events[0].data['stream']}")) as replay:
+                assert [e.id for e in await read_events(replay)] == [e.id for e in events]
+        await asyncio.sleep(1.5)  # every worker has published its metrics
+        async with http.get(gunicorn.url("/metrics")) as scraped:
+            text = await scraped.text()
+
+    processes = set(re.findall(r'thinkstream_active_streams\{process="([^"]+)"\}', text))
+    assert len(processes) == 2, text
+    done = re.findall(r'thinkstream_streams_total\{outcome="done",process="[^"]+"\} (\S+)', text)
+    assert sum(float(n) for n in done) == 20

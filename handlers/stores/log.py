@@ -12,7 +12,7 @@ never a silent hole.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 __all__ = [
@@ -126,8 +126,9 @@ class StreamStore(ABC):
     readers elsewhere.
     """
 
-    # Whether other processes serve the same streams.
+    # Whether other processes serve the same streams, and this one's name among them.
     shared = False
+    process = ""
 
     @abstractmethod
     async def create(self, stream_id: str, *, client: str, principal: str | None = None) -> StreamLog:
@@ -171,4 +172,12 @@ class StreamStore(ABC):
 
     async def unavailable(self) -> str | None:
         """Why the store cannot serve now, or None when it can (for readiness probes)."""
+        return None
+
+    def share_metrics(self, snapshot: Callable[[], bytes]) -> None:
+        """Publish ``snapshot()`` (this process's metrics) where other processes can read them, every few seconds."""
+        return None  # One process shares nothing.
+
+    async def gather_metrics(self, own: bytes) -> Mapping[str, bytes] | None:
+        """Every live process's metrics snapshot, by process (``own`` included); None when there is one process."""
         return None

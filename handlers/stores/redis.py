@@ -33,7 +33,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -58,6 +58,8 @@ HEARTBEAT = 1.0
 REAP_EVERY = 1.0
 # How long the shared reader blocks on Redis: well below the client's socket timeout.
 BLOCK_MS = 1000
+# How long a process's published metrics are kept (it publishes them every heartbeat).
+METRICS_TTL = 30.0
 # Seconds between attempts to reach a Redis that is down.
 _RETRY = 1.0
 
@@ -65,6 +67,28 @@ _SCRIPTS = {
     name: getattr(redis_scripts, name)
     for name in ("APPEND", "CANCEL", "CREATE", "FINISH", "HEARTBEAT", "JOIN", "OPEN", "READ", "READERS", "REAP")
 }
+# ARGV: P, process, snapshot, ttl_ms -> [process, snapshot, ...] of every process whose snapshot is current.
+_SCRIPTS["METRICS"] = """
+local P, process, ttl = ARGV[1], ARGV[2], tonumber(ARGV[4])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local index = P .. ':metrics'
+if ARGV[3] ~= '' then
+  redis.call('SET', index .. ':' .. process, ARGV[3], 'PX', ttl)
+  redis.call('ZADD', index, now + ttl, process)
+end
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
+redis.call('PEXPIRE', index, ttl)
+local out = {}
+for _, name in ipairs(redis.call('ZRANGE', index, 0, -1)) do
+  local data = redis.call('GET', index .. ':' .. name)
+  if data then
+    out[#out + 1] = name
+    out[#out + 1] = data
+  end
+end
+return out
+"""
 _SCRIPTS["LEAVE"] = "redis.call('ZREM', ARGV[1] .. ':readers:' .. ARGV[2], ARGV[3]) return 1"
 # ARGV: the key, its TTL in ms: interrupts a process's shared reader.
 _SCRIPTS["WAKE"] = (
@@ -486,6 +510,7 @@ class RedisStreamStore(StreamStore):
         self._reading: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loops: list[asyncio.Task[None]] = []
+        self._metrics: Callable[[], bytes] | None = None
 
     def key(self, kind: str, stream_id: str) -> str:
         return f"{self.prefix}:{kind}:{stream_id}"
@@ -597,10 +622,20 @@ class RedisStreamStore(StreamStore):
             return f"the stream store (Redis) refused a ping: {exc}"
         return None
 
+    def share_metrics(self, snapshot: Callable[[], bytes]) -> None:
+        self._metrics = snapshot
+
+    async def gather_metrics(self, own: bytes) -> Mapping[str, bytes] | None:
+        found = await self.calls("METRICS", self.prefix, self.process, own, int(METRICS_TTL * 1000))
+        return {found[i].decode(): found[i + 1] for i in range(0, len(found), 2)}
+
     async def _heartbeat(self) -> None:
         """Renew this process's leases and registrations; hear of cancellations and readers elsewhere."""
         while True:
             await asyncio.sleep(HEARTBEAT)
+            if self._metrics is not None:
+                # A scrape of any process is then at most a heartbeat behind this one.
+                self.spawn(self.gather_metrics(self._metrics()))
             owned, reading = list(self._owners), list(self._reading)
             if not owned and not reading:
                 continue

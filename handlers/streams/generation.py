@@ -420,6 +420,7 @@ class Streams:
         self._readers: set[Reader] = set()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        store.share_metrics(self.metrics.snapshot)
 
     def __len__(self) -> int:
         """Generations running now."""
