@@ -33,7 +33,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -90,11 +90,10 @@ end
 return out
 """
 _SCRIPTS["LEAVE"] = "redis.call('ZREM', ARGV[1] .. ':readers:' .. ARGV[2], ARGV[3]) return 1"
-# ARGV: the key, its TTL in ms: interrupts a process's shared reader.
-_SCRIPTS["WAKE"] = (
-    "redis.call('XADD', ARGV[1], 'MAXLEN', 1, '*', 'w', 1) redis.call('PEXPIRE', ARGV[1], tonumber(ARGV[2])) return 1"
-)
 _LAST_CODES = frozenset({EVENT_CODES["done"], EVENT_CODES["error"]})
+_LAST_KINDS = frozenset({"done", "error"})
+# The newest events of each followed stream kept as the inbox brings them.
+_CACHED_EVENTS = 256
 # Errors that mean Redis is not there (a ConnectionError covers a server still loading its data).
 _UNREACHABLE = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
 
@@ -135,25 +134,32 @@ def _lost() -> bytes:
 
 
 class _Calls:
-    """Script calls made in one turn of the event loop go to Redis together, in one pipeline.
+    """Script calls made in one turn of the event loop go to Redis together, pipelined on one connection.
 
-    One pipeline is in flight at a time: under load, the calls made while it
+    One batch is in flight at a time: under load, the calls made while it
     travels form the next one, so that a thousand streams appending cost a
-    few round trips, not a thousand connections.
+    few round trips, not a thousand connections. The connection is this
+    object's own (not the pool's), and a batch has one deadline rather than
+    one per read: on the hot path, every timer and loop turn counts.
     """
 
     def __init__(self, client: aioredis.Redis) -> None:
-        self._client = client
+        pool = client.connection_pool
+        self._connection = pool.connection_class(**{**pool.connection_kwargs, "socket_timeout": None})
         self._shas = {name: hashlib.sha1(source.encode()).hexdigest() for name, source in _SCRIPTS.items()}
         self._queue: list[tuple[str, Sequence[Any], asyncio.Future[Any]]] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def __call__(self, name: str, *args: Any) -> Any:
+    def submit(self, name: str, *args: Any) -> asyncio.Future[Any]:
+        """Queue a call of script ``name``; the future resolves with its result (or a RelayError)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((name, args, future))
         if self._task is None:
             self._task = asyncio.create_task(self._run())
-        return await future
+        return future
+
+    async def __call__(self, name: str, *args: Any) -> Any:
+        return await self.submit(name, *args)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -163,19 +169,19 @@ class _Calls:
         for _, _, future in self._queue:
             future.cancel()
         self._queue.clear()
+        await self._connection.disconnect()
 
     async def _run(self) -> None:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
                 try:
-                    results = await self._execute(batch)
-                except _UNREACHABLE as exc:
+                    async with asyncio.timeout(_SOCKET_TIMEOUT):
+                        results = await self._execute(batch)
+                except (TimeoutError, *_UNREACHABLE) as exc:
                     logger.debug("redis is unreachable: %r", exc)
+                    await self._connection.disconnect(nowait=True)
                     results = [StoreUnavailable() for _ in batch]
-                except redis_errors.RedisError as exc:
-                    logger.error("redis refused a script: %s", exc)
-                    results = [RelayError("the stream store failed; see the server log") for _ in batch]
                 for (_, _, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue
@@ -187,14 +193,12 @@ class _Calls:
             self._task = None
 
     async def _execute(self, batch: list[tuple[str, Sequence[Any], asyncio.Future[Any]]]) -> list[Any]:
-        results = await self._pipeline(batch)
+        results = await self._send([("EVALSHA", self._shas[name], 0, *args) for name, args, _ in batch])
         missing = [i for i, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
         if missing:
             # Redis restarted (or its scripts were flushed): load them and run what failed again.
-            for name, source in _SCRIPTS.items():
-                await self._client.script_load(source)
-                logger.debug("loaded redis script %s", name)
-            again = await self._pipeline([batch[i] for i in missing])
+            await self._send([("SCRIPT", "LOAD", source) for source in _SCRIPTS.values()])
+            again = await self._send([("EVALSHA", self._shas[batch[i][0]], 0, *batch[i][1]) for i in missing])
             for i, result in zip(missing, again, strict=True):
                 results[i] = result
         for i, result in enumerate(results):
@@ -203,48 +207,99 @@ class _Calls:
                 results[i] = RelayError("the stream store failed; see the server log")
         return results
 
-    async def _pipeline(self, batch: Sequence[tuple[str, Sequence[Any], asyncio.Future[Any]]]) -> list[Any]:
-        pipe = self._client.pipeline(transaction=False)
-        for name, args, _ in batch:
-            pipe.evalsha(self._shas[name], 0, *args)
-        return list(await pipe.execute(raise_on_error=False))
+    async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send the commands in one write and read their replies; an error reply is returned, not raised."""
+        connection = self._connection
+        for attempt in range(2):
+            try:
+                await connection.connect()  # type: ignore[no-untyped-call]
+                await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                break
+            except _UNREACHABLE:
+                # A connection from before a Redis restart fails on first use: one fresh try.
+                await connection.disconnect(nowait=True)
+                if attempt:
+                    raise
+        results: list[Any] = []
+        for _ in commands:
+            try:
+                results.append(await connection.read_response())
+            except redis_errors.ResponseError as error:
+                results.append(error)
+        return results
 
 
 class _Followed:
-    __slots__ = ("key", "position", "wakers")
+    """A stream that readers here follow, and its newest events as this process's inbox brought them."""
 
-    def __init__(self, key: bytes, position: int) -> None:
-        self.key = key
-        self.position = position
+    __slots__ = ("events", "first", "heard", "valid", "wakers")
+
+    def __init__(self) -> None:
         self.wakers: set[Callable[[], None]] = set()
+        # The newest events, contiguous, the first numbered ``first``. Valid while every event
+        # appended since has come through the inbox, so that a reader at its end is at the log's end.
+        self.events: list[tuple[str, bytes]] = []
+        self.first = 0
+        self.valid = False
+        self.heard = 0.0
+
+    def take(self, first: int, items: list[tuple[str, bytes]], now: float) -> None:
+        self.heard = now
+        last = self.first + len(self.events) - 1
+        if self.valid and self.events and first <= last + 1:
+            # Contiguous (or overlapping, after a reconnect): keep what is new.
+            self.events += items[last + 1 - first :]
+        else:
+            self.events, self.first, self.valid = list(items), first, True
+        if len(self.events) > _CACHED_EVENTS:
+            drop = len(self.events) - _CACHED_EVENTS
+            del self.events[:drop]
+            self.first += drop
+
+    def read(self, after: int, max_bytes: int) -> tuple[Events | None, bool] | None:
+        """The events after ``after`` from what the inbox brought; None when only Redis can tell."""
+        events = self.events
+        if not self.valid or not events:
+            return None
+        last = self.first + len(events) - 1
+        if not self.first - 1 <= after <= last:
+            return None
+        if after == last:
+            return None, events[-1][0] in _LAST_KINDS
+        start = after + 1 - self.first
+        end, size = start, 0
+        while end < len(events) and (end == start or size < max_bytes):
+            size += len(events[end][1])
+            end += 1
+        items = events[start:end]
+        return Events(after + 1, items), end == len(events) and items[-1][0] in _LAST_KINDS
 
 
 class _Follower:
-    """This process's one blocking reader of the streams it follows that run elsewhere.
+    """This process's one blocking reader, for every stream it follows that runs elsewhere.
 
-    One ``XREAD BLOCK`` covers every followed stream (and a key of this
-    process's own, written to interrupt the wait when a stream is added). It
-    wakes the readers of a stream when its log grows; they read the events
-    themselves. Every second it also ends the logs of streams whose owner's
-    lease lapsed.
+    Each process has an inbox in Redis (a Redis Stream): appending to a log
+    also puts the events in the inbox of every process registered as a
+    reader of that stream, in the same script. One ``XREAD BLOCK`` on the
+    inbox wakes all the readers here, and hands them the events, so that a
+    reader on another process costs no further round trip per event. A
+    second apart at most, it also ends the logs of followed streams whose
+    owner's lease lapsed, and sends readers of a stream the inbox has been
+    quiet about to Redis once, in case a notification was lost.
     """
 
     def __init__(self, store: RedisStreamStore) -> None:
         self._store = store
         self._streams: dict[str, _Followed] = {}
-        self._by_key: dict[bytes, _Followed] = {}
-        self._wake_key = f"{store.prefix}:wake:{store.process}".encode()
+        self._inbox = store.key("inbox", store.process).encode()
         self._seen = b"0-0"
         self._changed = asyncio.Event()
-        self._wake_pending = False
 
-    def subscribe(self, stream_id: str, position: int, wake: Callable[[], None]) -> None:
+    def subscribe(self, stream_id: str, wake: Callable[[], None]) -> None:
         followed = self._streams.get(stream_id)
         if followed is None:
-            key = self._store.key("log", stream_id).encode()
-            followed = self._streams[stream_id] = self._by_key[key] = _Followed(key, position)
-            self._interrupt()
-        followed.position = max(followed.position, position)
+            followed = self._streams[stream_id] = _Followed()
+            self._changed.set()
         followed.wakers.add(wake)
 
     def unsubscribe(self, stream_id: str, wake: Callable[[], None]) -> None:
@@ -254,57 +309,50 @@ class _Follower:
         followed.wakers.discard(wake)
         if not followed.wakers:
             del self._streams[stream_id]
-            del self._by_key[followed.key]
 
-    def _interrupt(self) -> None:
-        """Make the blocked read start again with the new set of streams."""
-        self._changed.set()
-        if not self._wake_pending:
-            self._wake_pending = True
-            asyncio.get_running_loop().call_soon(self._send_wake)
-
-    def _send_wake(self) -> None:
-        self._wake_pending = False
-        self._store.spawn(self._store.calls("WAKE", self._wake_key, self._store.running_ttl_ms))
+    def read(self, stream_id: str, after: int, max_bytes: int) -> tuple[Events | None, bool] | None:
+        followed = self._streams.get(stream_id)
+        return None if followed is None else followed.read(after, max_bytes)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         client = self._store.client
-        reaped_at = loop.time()
+        checked = loop.time()
         while True:
             if not self._streams:
                 self._changed.clear()
                 await self._changed.wait()
                 continue
-            self._changed.clear()
-            keys: dict[bytes, bytes] = {self._wake_key: self._seen}
-            for followed in self._streams.values():
-                keys[followed.key] = f"{followed.position}-0".encode()
             try:
-                result = await client.xread(keys, count=256, block=BLOCK_MS)  # type: ignore[arg-type]
+                result = await client.xread({self._inbox: self._seen}, count=512, block=BLOCK_MS)
+                _cancelled_meanwhile()
             except _UNREACHABLE as exc:
                 logger.warning("the stream store is unreachable: %r", exc)
-                self._wake_all()  # Their reads fail too, and they tell their clients.
+                for followed in self._streams.values():
+                    followed.valid = False
+                self._wake(self._streams.values())  # Their reads fail too, and they tell their clients.
                 await asyncio.sleep(_RETRY)
                 continue
-            for key, entries in result or ():
-                if key == self._wake_key:
-                    self._seen = entries[-1][0]
-                    continue
-                grown = self._by_key.get(key)
-                if grown is None or not entries:
-                    continue
-                grown.position = int(entries[-1][0].split(b"-", 1)[0])
-                for wake in list(grown.wakers):
-                    wake()
-            if loop.time() - reaped_at >= REAP_EVERY:
-                reaped_at = loop.time()
-                await self._reap()
+            now = loop.time()
+            grown: dict[int, _Followed] = {}
+            for _, entries in result or ():
+                for entry_id, fields in entries:
+                    self._seen = entry_id
+                    target = self._streams.get(fields[b"s"].decode())
+                    if target is not None:
+                        target.take(int(fields[b"f"]), _unpack(fields[b"k"], fields[b"l"], fields[b"d"]), now)
+                        grown[id(target)] = target
+            self._wake(grown.values())
+            if now - checked >= REAP_EVERY:
+                checked = now
+                await self._check(now)
 
-    async def _reap(self) -> None:
-        """End the logs of followed streams whose owner died: their readers get the error as the log's end."""
-        if not self._streams:
-            return
+    async def _check(self, now: float) -> None:
+        """End the logs of followed streams whose owner died; re-read the ones the inbox was quiet about."""
+        quiet = [f for f in self._streams.values() if now - f.heard >= REAP_EVERY]
+        for followed in quiet:
+            followed.valid = False
+        self._wake(quiet)
         store = self._store
         try:
             ended = await store.calls(
@@ -315,10 +363,34 @@ class _Follower:
         for stream_id in ended:
             logger.warning("stream %s lost the process that ran it; its log ends with an error", stream_id.decode())
 
-    def _wake_all(self) -> None:
-        for followed in self._streams.values():
+    @staticmethod
+    def _wake(streams: Iterable[_Followed]) -> None:
+        for followed in streams:
             for wake in list(followed.wakers):
                 wake()
+
+
+def _cancelled_meanwhile() -> None:
+    """Raise the cancellation that a read with a timeout may have swallowed.
+
+    redis-py reads with a timeout under ``async_timeout``; a cancellation that
+    lands as the timeout fires comes back as a timeout, and the read returns
+    None as if nothing had happened. The task still counts the request.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _unpack(kinds: bytes, lengths: bytes, blob: bytes) -> list[tuple[str, bytes]]:
+    """Events as a script returns or notifies them: one digit per type, lengths, the texts back to back."""
+    items: list[tuple[str, bytes]] = []
+    offset = 0
+    for code, length in zip(kinds, lengths.split(), strict=True):
+        end = offset + int(length)
+        items.append((EVENT_TYPES[code - 48], blob[offset:end]))  # code: an ASCII digit
+        offset = end
+    return items
 
 
 class _OwnedLog(StreamLog):
@@ -348,29 +420,27 @@ class _OwnedLog(StreamLog):
             blob = b"".join([data for _, data in events])
             lengths = " ".join([str(len(data)) for _, data in events])
             store = self._store
-            call = asyncio.ensure_future(
-                store.calls(
-                    "APPEND",
-                    store.prefix,
-                    self.stream_id,
-                    store.process,
-                    self._last,
-                    store.stream_bytes,
-                    store.total_bytes,
-                    store.running_ttl_ms,
-                    store.retention_ms,
-                    store.globals_ttl_ms,
-                    kinds,
-                    lengths,
-                    blob,
-                )
+            call = store.calls.submit(
+                "APPEND",
+                store.prefix,
+                self.stream_id,
+                store.process,
+                self._last,
+                store.stream_bytes,
+                store.total_bytes,
+                store.running_ttl_ms,
+                store.retention_ms,
+                store.globals_ttl_ms,
+                kinds,
+                lengths,
+                blob,
             )
             try:
                 result = await asyncio.shield(call)
             except asyncio.CancelledError:
                 # The events may reach Redis all the same: keep this copy in step before giving up.
                 with contextlib.suppress(Exception):
-                    if await call == b"ok":
+                    if await asyncio.shield(call) == b"ok":
                         await self._keep(events)
                 raise
             except StoreUnavailable:
@@ -386,7 +456,7 @@ class _OwnedLog(StreamLog):
 
     async def _catch_up(self) -> None:
         """The stream was ended elsewhere: give this process's readers the same end as everyone's."""
-        remote = _RemoteLog(self._store, self.stream_id, self.principal, self._last)
+        remote = _RemoteLog(self._store, self.stream_id, self.principal)
         with contextlib.suppress(RelayError, LogGap, ValueError):
             while True:
                 events, _ = await remote.read(self._last)
@@ -420,7 +490,7 @@ class _OwnedLog(StreamLog):
             if self._broken:
                 raise
             # This process's copy is bounded by its own memory; Redis may keep more.
-            return await _RemoteLog(self._store, self.stream_id, self.principal, self._last).read(after, max_bytes)
+            return await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
 
     def subscribe(self, wake: Callable[[], None]) -> None:
         self._mirror.subscribe(wake)
@@ -432,12 +502,10 @@ class _OwnedLog(StreamLog):
 class _RemoteLog(StreamLog):
     """A stream as a process that does not run its generation reads it: from Redis."""
 
-    def __init__(self, store: RedisStreamStore, stream_id: str, principal: str | None, last: int) -> None:
+    def __init__(self, store: RedisStreamStore, stream_id: str, principal: str | None) -> None:
         self.stream_id = stream_id
         self.principal = principal
         self._store = store
-        # The newest event this process knows of: the shared reader waits for later ones.
-        self._seen = last
 
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
         raise LogClosed(f"stream {self.stream_id} is written by the process that runs it")
@@ -447,26 +515,22 @@ class _RemoteLog(StreamLog):
 
     async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
         store = self._store
+        cached = store.follower.read(self.stream_id, after, max_bytes)
+        if cached is not None:
+            return cached
         result = await store.calls("READ", store.prefix, self.stream_id, after, max_bytes)
         status = result[0]
         if status == b"beyond":
             raise ValueError(f"stream {self.stream_id} has no event {after} yet")
         if status != b"ok":
             raise LogGap(f"events after {after} of stream {self.stream_id} are no longer kept")
-        finished, kinds, lengths, blob = bool(result[1]), result[2], result[3], result[4]
+        finished, kinds = bool(result[1]), result[2]
         if not kinds:
             return None, finished
-        items: list[tuple[str, bytes]] = []
-        offset = 0
-        for code, length in zip(kinds, lengths.split(), strict=True):
-            end = offset + int(length)
-            items.append((EVENT_TYPES[code - 48], blob[offset:end]))  # code: an ASCII digit
-            offset = end
-        self._seen = max(self._seen, after + len(items))
-        return Events(after + 1, items), finished
+        return Events(after + 1, _unpack(kinds, result[3], result[4])), finished
 
     def subscribe(self, wake: Callable[[], None]) -> None:
-        self._store.follower.subscribe(self.stream_id, self._seen, wake)
+        self._store.follower.subscribe(self.stream_id, wake)
 
     def unsubscribe(self, wake: Callable[[], None]) -> None:
         self._store.follower.unsubscribe(self.stream_id, wake)
@@ -524,11 +588,11 @@ class RedisStreamStore(StreamStore):
         ]
 
     async def close(self) -> None:
-        for task in [*self._loops, *self._tasks]:
+        tasks = [*self._loops, *self._tasks]
+        for task in tasks:
             task.cancel()
-        for task in [*self._loops, *self._tasks]:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
         await self.calls.close()
         await self._mirror.close()
 
@@ -570,8 +634,8 @@ class RedisStreamStore(StreamStore):
         found = await self.calls("OPEN", self.prefix, stream_id, self.retention_ms, self.globals_ttl_ms, _lost())
         if found is None:
             return None
-        principal, _state, last = found
-        return _RemoteLog(self, stream_id, principal.decode() or None, int(last))
+        principal, _state, _last = found
+        return _RemoteLog(self, stream_id, principal.decode() or None)
 
     def discard(self, stream_id: str) -> None:
         # Redis forgets the stream by itself (every key has a TTL); this process, its copy.
@@ -671,6 +735,7 @@ class RedisStreamStore(StreamStore):
                 await pubsub.subscribe(channel)
                 while True:
                     message = await pubsub.get_message(timeout=BLOCK_MS / 1000)
+                    _cancelled_meanwhile()
                     if message is None or message.get("type") != "message":
                         continue
                     owner = self._owners.get(message["data"].decode())

@@ -14,6 +14,10 @@ every key of one relay lands in one cluster slot) keeps:
 - ``P:readers:S``, the processes with readers of it, scored by when their
   registration runs out.
 
+And each process ``Q``: ``P:inbox:Q``, a Redis Stream of the events appended
+to the streams it reads (each entry: the stream, the first event's number,
+the events), which its one blocking reader waits on.
+
 And the relay as a whole: ``P:sizes`` (bytes kept per stream) and ``P:total``,
 ``P:expiry`` (when each stream's keys expire, so that their bytes are
 forgotten with them), ``P:finished`` (finished streams by age: the first to
@@ -33,6 +37,10 @@ __all__ = ["APPEND", "CANCEL", "CREATE", "FINISH", "HEARTBEAT", "JOIN", "OPEN", 
 _COMMON = """
 local P = ARGV[1]
 local OVERHEAD = 32
+-- A process's inbox: its last notifications (a reader that falls further behind reads the logs), kept
+-- a minute after the last one, or after its process's last heartbeat.
+local INBOX_LENGTH = 4096
+local INBOX_TTL = 60000
 local function key(kind, id) return P .. ':' .. kind .. ':' .. id end
 local function now_ms()
   local t = redis.call('TIME')
@@ -105,8 +113,9 @@ local function close(id, retention, now)
   redis.call('ZADD', P .. ':finished', now, id)
   expire_stream(id, retention, now)
 end
--- Append events to id's log, numbered after its last one (the caller checked that it may).
-local function add(id, kinds, lens, blob)
+-- Append events to id's log, numbered after its last one (the caller checked that it may), and put
+-- them in the inbox of every process that has readers of the stream: its one blocking reader wakes.
+local function add(id, kinds, lens, blob, now)
   local meta = key('meta', id)
   local last = tonumber(redis.call('HGET', meta, 'last'))
   local log = key('log', id)
@@ -121,6 +130,12 @@ local function add(id, kinds, lens, blob)
   redis.call('HSET', meta, 'last', last + i)
   redis.call('HINCRBY', P .. ':sizes', id, added)
   redis.call('INCRBY', P .. ':total', added)
+  for _, process in ipairs(redis.call('ZRANGEBYSCORE', key('readers', id), now, '+inf')) do
+    local inbox = key('inbox', process)
+    redis.call('XADD', inbox, 'MAXLEN', '~', INBOX_LENGTH, '*',
+      's', id, 'f', last + 1, 'k', kinds, 'l', lens, 'd', blob)
+    redis.call('PEXPIRE', inbox, INBOX_TTL)
+  end
   return last + i
 end
 """
@@ -181,7 +196,7 @@ if m[2] ~= 'running' then return 'closed' end
 if last ~= expected then return 'conflict' end
 local now = now_ms()
 sweep(now)
-add(id, kinds, lens, blob)
+add(id, kinds, lens, blob, now)
 local size = tonumber(redis.call('HGET', P .. ':sizes', id))
 if size > stream_bytes then trim(id, stream_bytes) end
 local total = tonumber(redis.call('GET', P .. ':total'))
@@ -266,7 +281,7 @@ local function reap(id, retention, globals_ttl, error_json)
   if redis.call('HGET', meta, 'state') ~= 'running' then return false end
   if redis.call('EXISTS', key('lease', id)) == 1 then return false end
   local now = now_ms()
-  add(id, '5', tostring(string.len(error_json)), error_json)
+  add(id, '5', tostring(string.len(error_json)), error_json, now)
   close(id, retention, now)
   keep_globals(globals_ttl)
   return true
@@ -334,6 +349,7 @@ for i = 7 + owned, #ARGV do
   local readers = key('readers', ARGV[i])
   if redis.call('ZSCORE', readers, owner) then redis.call('ZADD', readers, now + lease, owner) end
 end
+redis.call('PEXPIRE', key('inbox', owner), INBOX_TTL)
 keep_globals(globals_ttl)
 return out
 """
