@@ -62,6 +62,8 @@ class Plan:
     deadline: float = 60.0
     read_timeout: float = 30.0
     connect_timeout: float = 10.0
+    # relay mode: start each stream at ``url`` but read it from this relay process (``GET /stream/{id}``).
+    follow_url: str | None = None
 
     @property
     def expected(self) -> int:
@@ -174,10 +176,12 @@ async def _stream(
     try:
         await asyncio.sleep(max(0.0, start_at - loop.time()))
         state.started_ns = time.time_ns()
-        async with (
-            asyncio.timeout_at(deadline),
-            session.post(plan.url.rstrip("/") + path, data=body, headers=_HEADERS) as response,
-        ):
+        async with asyncio.timeout_at(deadline):
+            reply = await (_elsewhere(session, plan, body) if plan.follow_url else _post(session, plan, path, body))
+        async with asyncio.timeout_at(deadline), reply as response:
+            if isinstance(response, _Refused):
+                reason = f"http_{response.status}{response._code}"
+                return
             if response.status != 200 or response.content_type != "text/event-stream":
                 reason = f"http_{response.status}{await _error_code(response)}"
                 return
@@ -206,6 +210,39 @@ async def _stream(
         raise
     finally:
         _count(tally, state, responded, end, reason)
+
+
+def _post(
+    session: aiohttp.ClientSession, plan: Plan, path: str, body: bytes
+) -> Any:  # aiohttp's request context manager
+    return session.post(plan.url.rstrip("/") + path, data=body, headers=_HEADERS)
+
+
+async def _elsewhere(session: aiohttp.ClientSession, plan: Plan, body: bytes) -> Any:
+    """Start the stream on ``url``, hang up after its ``meta`` event, and follow it on ``follow_url``."""
+    async with session.post(plan.url.rstrip("/") + "/stream", data=body, headers=_HEADERS) as started:
+        if started.status != 200:
+            return _Refused(started.status, await _error_code(started))
+        head = await started.content.readuntil(b"\n\n")
+    stream_id = orjson.loads(head.split(b"data: ", 1)[1])["stream"]
+    assert plan.follow_url is not None
+    return session.get(f"{plan.follow_url.rstrip('/')}/stream/{stream_id}", headers=_HEADERS)
+
+
+class _Refused:
+    """A start refused before there was a stream to follow, shaped as a response the caller checks."""
+
+    content_type = "application/json"
+
+    def __init__(self, status: int, code: str) -> None:
+        self.status = status
+        self._code = code
+
+    async def __aenter__(self) -> _Refused:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
 
 
 def _count(tally: _Tally, state: _StreamState, responded: bool, end: str | None, reason: str) -> None:
@@ -292,6 +329,7 @@ async def run_load(plan: Plan) -> dict[str, Any]:
     return {
         "mode": plan.mode,
         "url": plan.url,
+        "follow_url": plan.follow_url,
         "streams": plan.streams,
         "tokens_per_stream": plan.expected,
         "pace_s": plan.pace,
@@ -344,11 +382,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ramp", type=_positive(float), default=1.0, help="seconds over which streams start")
     parser.add_argument("--deadline", type=_positive(float), default=60.0, help="seconds the whole run may take")
     parser.add_argument("--read-timeout", type=_positive(float), default=30.0, help="seconds a read may wait")
+    parser.add_argument(
+        "--follow-url",
+        help="relay mode: read each stream from this other relay process (same Redis) instead of where it started",
+    )
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's own event loop even with uvloop")
     args = parser.parse_args(argv)
-    url = URL(args.url)
-    if url.scheme != "http" or not url.host or not is_loopback(url.host):
-        parser.error(f"--url must be http:// on a loopback address (127.0.0.1, ::1, localhost), not {args.url!r}")
+    for name, value in (("--url", args.url), ("--follow-url", args.follow_url)):
+        if value is None:
+            continue
+        url = URL(value)
+        if url.scheme != "http" or not url.host or not is_loopback(url.host):
+            parser.error(f"{name} must be http:// on a loopback address (127.0.0.1, ::1, localhost), not {value!r}")
+    if args.follow_url and args.mode != "relay":
+        parser.error("--follow-url goes with --mode relay")
     if not 1 <= args.streams <= 100_000:
         parser.error("--streams must be between 1 and 100000")
     if not 1 <= args.burst <= 4096:
@@ -368,6 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ramp=args.ramp,
         deadline=args.deadline,
         read_timeout=args.read_timeout,
+        follow_url=args.follow_url,
     )
     use_uvloop = not args.no_uvloop and uvloop_version() is not None
     report = run(run_load(plan), use_uvloop=use_uvloop)

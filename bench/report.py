@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["added_delay", "bend_note", "render", "targets"]
+__all__ = ["added_delay", "bend_note", "redis_targets", "render", "targets"]
 
 # The issue's targets (same machine, same run, relative to direct).
 ADDED_P50_MS = 1.0
@@ -24,6 +24,10 @@ PEAK_RSS_MIB = 120
 BASELINE_SLACK = 0.10
 # "Not the bottleneck": relay throughput at least this share of direct's.
 NOT_BOTTLENECK_RATIO = 0.95
+# With --redis-url (issue 13): relay CPU per token at most this multiple of the in-memory figure,
+# and a reader on another process at most this added delay (p50) at 100 streams.
+REDIS_CPU_RATIO = 1.5
+REDIS_ELSEWHERE_P50_MS = 2.0
 # A run during which other processes took more than this share of all cores' time is marked noisy.
 NOISY_SHARE = 0.10
 NOISY_MARK = "†"
@@ -60,6 +64,7 @@ def render(results: Run) -> str:
         "",
         *_cpu([*paced, unpaced]),
         "",
+        *_redis_section(results),
         "## Where it bends",
         "",
         bend_note(paced),
@@ -504,7 +509,119 @@ def targets(results: Run) -> list[str]:
             ],
         ]
     rows.append(["5", "cost grows linearly (tokens/s and RSS at N = 10 … 3,000)", "see the cost table", "see note"])
+    rows += redis_targets(results)
     return _table(["#", "target", "measured", "verdict"], rows, text=4)
+
+
+def _memory_run(results: Run, redis_run: Run) -> Run | None:
+    """The in-memory run of the same scenario, from the same benchmark."""
+    scenario = redis_run["scenario"]
+    for run in [*results["paced"], results["unpaced"]]:
+        if run["scenario"] == scenario:
+            return run
+    return None
+
+
+def _redis_added(redis_run: Run, memory_run: Run | None, mode: str, key: str) -> float | None:
+    """One-way delay through Redis relays minus direct's, with direct from the in-memory comparison."""
+    if memory_run is None:
+        return None
+    relayed = redis_run[mode]["load"]["delay_ms"][key]
+    direct = memory_run["direct"]["load"]["delay_ms"][key]
+    return None if relayed is None or direct is None else relayed - direct
+
+
+def _redis_section(results: Run) -> list[str]:
+    """The same loads with ``--redis-url``: read where the stream runs, and from another process."""
+    runs = results.get("redis") or []
+    if not runs:
+        return []
+    rows = []
+    for run in runs:
+        memory = _memory_run(results, run)
+        s = run["scenario"]
+        label = f"{s['streams']:,} x {s['tokens']:,}" + (" unpaced" if not s["pace_s"] else "")
+        same, other = run["same"], run["elsewhere"]
+        memory_cpu = memory["relay"]["relay_cpu_s_per_1k_tokens"] if memory else None
+        same_cpu = same.get("relay_cpu_s_per_1k_tokens")
+        ratio = same_cpu / memory_cpu if same_cpu and memory_cpu else None
+        other_cpu = (other.get("relay_cpu_s_per_1k_tokens") or 0) + (other.get("reader_cpu_s_per_1k_tokens") or 0)
+        lost = f"{same['load']['tokens_lost']:,} / {other['load']['tokens_lost']:,}"
+        rows.append(
+            [
+                label,
+                lost,
+                _pair(_redis_added(run, memory, "same", "p50"), _redis_added(run, memory, "same", "p99")),
+                _pair(_redis_added(run, memory, "elsewhere", "p50"), _redis_added(run, memory, "elsewhere", "p99")),
+                f"{_num(memory_cpu, 3)} / {_num(same_cpu, 3)} ({_num(ratio, 2)}x)",
+                f"{_num(other_cpu, 3)}",
+                f"{_num(same.get('redis_cpu_s_per_1k_tokens'), 3)} / {_num(other.get('redis_cpu_s_per_1k_tokens'), 3)}",
+                f"{same['load']['tokens_per_s']:,.0f} / {other['load']['tokens_per_s']:,.0f}",
+            ]
+        )
+    return [
+        "## With Redis (`--redis-url`)",
+        "",
+        "The same loads through relays that share a local `redis-server`: *here* reads each stream from the "
+        "process that runs it; *elsewhere* starts it on one relay process and reads it from a second one "
+        "(`GET /stream/{id}`). Added delay is against the direct run of the in-memory comparison; CPU is "
+        "seconds per 1,000 relayed tokens.",
+        "",
+        *_table(
+            [
+                "streams x tokens",
+                "tokens lost here / elsewhere",
+                "added delay here p50 / p99 (ms)",
+                "added delay elsewhere p50 / p99 (ms)",
+                "relay CPU: in memory / here",
+                "both relays' CPU, elsewhere",
+                "redis-server CPU here / elsewhere",
+                "tokens/s here / elsewhere",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def redis_targets(results: Run) -> list[list[str]]:
+    """Issue 13's performance targets, each with what this run measured."""
+    runs = results.get("redis") or []
+    if not runs:
+        return []
+    rows = []
+    lost = sum(run[mode]["load"]["tokens_lost"] for run in runs for mode in ("same", "elsewhere"))
+    rows.append(["R", "with Redis: no token lost", f"{lost:,} lost", _verdict(lost == 0)])
+    ratios = []
+    for run in runs:
+        memory = _memory_run(results, run)
+        same_cpu, memory_cpu = run["same"].get("relay_cpu_s_per_1k_tokens"), None
+        if memory is not None:
+            memory_cpu = memory["relay"]["relay_cpu_s_per_1k_tokens"]
+        if same_cpu and memory_cpu:
+            ratios.append((run["scenario"], same_cpu / memory_cpu))
+    if ratios:
+        worst = max(r for _, r in ratios)
+        rows.append(
+            [
+                "R",
+                f"with Redis: relay CPU per token ≤ {REDIS_CPU_RATIO}x the in-memory figure",
+                "; ".join(f"{r:.2f}x at {s['streams']:,}{'' if s['pace_s'] else ' unpaced'}" for s, r in ratios),
+                _verdict(worst <= REDIS_CPU_RATIO),
+            ]
+        )
+    hundred = next((r for r in runs if r["scenario"]["streams"] == 100 and r["scenario"]["pace_s"]), None)
+    if hundred is not None:
+        p50 = _redis_added(hundred, _memory_run(results, hundred), "elsewhere", "p50")
+        rows.append(
+            [
+                "R",
+                f"with Redis: a reader on another process, added delay p50 ≤ {REDIS_ELSEWHERE_P50_MS:g} ms at N = 100",
+                f"{_num(p50)} ms",
+                _verdict(p50 is not None and p50 <= REDIS_ELSEWHERE_P50_MS),
+            ]
+        )
+    return rows
 
 
 def _problems(runs: list[Run]) -> list[str]:

@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import resource
+import shutil
 import socket
 import sys
 import tempfile
@@ -50,6 +51,9 @@ PACED_STREAMS_QUICK = (10, 100)
 PACED_RAMP = 1.0
 UNPACED = (50, 400, 1600)  # streams, reasoning and content tokens each
 UNPACED_QUICK = (20, 200, 800)
+# The same loads with --redis-url: readers on the generating process, and on another one.
+REDIS_STREAMS = (10, 100, 1000)
+REDIS_STREAMS_QUICK = (10, 100)
 # Short, so that "after" shows memory once every finished stream has been forgotten.
 RETENTION = 3.0
 START_TIMEOUT = 20.0
@@ -145,11 +149,13 @@ class Bench:
     def _uvloop_flag(self) -> list[str]:
         return [] if self.use_uvloop else ["--no-uvloop"]
 
-    async def _spawn(self, name: str, args: Sequence[str], *, stdout: int | None = None) -> Child:
+    async def _spawn(
+        self, name: str, args: Sequence[str], *, stdout: int | None = None, program: str = sys.executable
+    ) -> Child:
         log = self.logs / f"{name}.log"
         with log.open("ab") as sink:
             process = await asyncio.create_subprocess_exec(
-                sys.executable,
+                program,
                 *args,
                 cwd=ROOT,
                 env=_clean_environment(),
@@ -179,7 +185,32 @@ class Bench:
             await child.stop()
 
     @contextlib.asynccontextmanager
-    async def relay(self, mock_url: str) -> AsyncIterator[tuple[Child, str]]:
+    async def redis(self) -> AsyncIterator[tuple[Child, str] | None]:
+        """A ``redis-server`` on a free port, persistence off; None where it is not installed."""
+        binary = shutil.which("redis-server") or shutil.which("valkey-server")
+        if binary is None:
+            logger.warning("no redis-server here: the Redis scenarios are left out")
+            yield None
+            return
+        port = _free_port()
+        args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        child = await self._spawn("redis", args, program=binary)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while True:
+                with contextlib.suppress(OSError):
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                if time.monotonic() > deadline or child.process.returncode is not None:
+                    raise BenchError(f"redis-server did not start:\n{child.log_tail()}")
+                await asyncio.sleep(0.05)
+            yield child, f"redis://127.0.0.1:{port}/0"
+        finally:
+            await child.stop()
+
+    @contextlib.asynccontextmanager
+    async def relay(self, mock_url: str, *extra: str) -> AsyncIterator[tuple[Child, str]]:
         """A fresh thinkstream in front of the mock, with every limit raised out of the benchmark's way."""
         port = _free_port()
         args = [
@@ -194,6 +225,7 @@ class Bench:
             f"--retention={RETENTION:g}",
             "--shutdown-timeout=2",
             "--log-level=WARNING",
+            *extra,
         ]
         child = await self._spawn(f"relay-{port}", args)
         url = f"http://127.0.0.1:{port}"
@@ -207,13 +239,15 @@ class Bench:
             if child.process.returncode not in (0, None):
                 logger.warning("relay exited with %s:\n%s", child.process.returncode, child.log_tail())
 
-    async def load(self, mode: str, url: str, scenario: Scenario) -> dict[str, Any]:
+    async def load(self, mode: str, url: str, scenario: Scenario, follow_url: str | None = None) -> dict[str, Any]:
         """Run the load generator in its own process and return its report.
 
         Its ``loadgen_cpu_s`` counts the run only; ``loadgen_total_cpu_s`` added here
         counts the whole process, start-up included (the only child reaped meanwhile).
         """
         args = ["-m", "bench.loadgen", f"--mode={mode}", f"--url={url}", *scenario.loadgen_args()]
+        if follow_url is not None:
+            args.append(f"--follow-url={follow_url}")
         before = _children_cpu_seconds()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -237,11 +271,23 @@ class Bench:
         return report
 
     async def measure(
-        self, mode: str, url: str, scenario: Scenario, mock: Child, relay: Child | None = None
+        self,
+        mode: str,
+        url: str,
+        scenario: Scenario,
+        mock: Child,
+        relay: Child | None = None,
+        *,
+        others: dict[str, Child] | None = None,
+        follow_url: str | None = None,
     ) -> dict[str, Any]:
-        """One load run, with the CPU each process used and the relay's memory around it."""
+        """One load run, with the CPU each process used and the relay's memory around it.
+
+        ``others`` are further processes whose CPU counts (a second relay, Redis).
+        """
         busy_cores = await _wait_quiet(self.quiet_wait)
         watched = {"mock": mock.pid} | ({"relay": relay.pid} if relay is not None else {})
+        watched |= {name: child.pid for name, child in (others or {}).items()}
         cpu_before = {name: procstat.process_cpu_seconds(pid) for name, pid in watched.items()}
         busy_before = procstat.machine_busy_seconds()
         overflows_before = procstat.listen_overflows()
@@ -254,12 +300,12 @@ class Bench:
             sampler.start()
         started = time.monotonic()
         try:
-            report = await self.load(mode, url, scenario)
+            report = await self.load(mode, url, scenario, follow_url)
         finally:
             if sampler is not None:
                 memory["peak_polled"] = await sampler.stop()
         wall = time.monotonic() - started
-        for child in (mock, relay):
+        for child in (mock, relay, *(others or {}).values()):
             if child is not None and child.process.returncode is not None:
                 raise BenchError(f"{child.name} exited during the run:\n{child.log_tail()}")
         cpu: dict[str, float] = {}
@@ -298,6 +344,8 @@ class Bench:
             if received:
                 result["relay_cpu_s_per_1k_tokens"] = round(cpu["relay"] / received * 1000, 4)
                 result["relay_system_cpu_s_per_1k_tokens"] = round(cpu["relay_system"] / received * 1000, 4)
+                for name in others or {}:
+                    result[f"{name}_cpu_s_per_1k_tokens"] = round(cpu[name] / received * 1000, 4)
             else:
                 result["relay_cpu_s_per_1k_tokens"] = result["relay_system_cpu_s_per_1k_tokens"] = None
         return result
@@ -321,6 +369,43 @@ class Bench:
             "relay": await self._quietest(relayed),
         }
 
+    async def compare_redis(
+        self, scenario: Scenario, mock: Child, mock_url: str, redis: Child, redis_url: str
+    ) -> dict[str, Any]:
+        """The scenario through relays on one Redis: read where it runs, and read from another process."""
+        label = f"{scenario.streams} streams x {scenario.reasoning + scenario.content} tokens, pace {scenario.pace:g}"
+        tag = f"bench-{scenario.streams}-{scenario.pace:g}-{time.monotonic_ns()}"
+
+        def flags(name: str) -> list[str]:
+            return [f"--redis-url={redis_url}", f"--redis-prefix={tag}-{name}"]
+
+        async def same() -> dict[str, Any]:
+            logger.info("%s: redis, read where it runs", label)
+            async with self.relay(mock_url, *flags("same")) as (relay, relay_url):
+                return await self.measure("relay", relay_url, scenario, mock, relay, others={"redis": redis})
+
+        async def elsewhere() -> dict[str, Any]:
+            logger.info("%s: redis, read from another process", label)
+            async with (
+                self.relay(mock_url, *flags("other")) as (relay, relay_url),
+                self.relay(mock_url, *flags("other")) as (reader, reader_url),
+            ):
+                return await self.measure(
+                    "relay",
+                    relay_url,
+                    scenario,
+                    mock,
+                    relay,
+                    others={"reader": reader, "redis": redis},
+                    follow_url=reader_url,
+                )
+
+        return {
+            "scenario": _scenario_dict(scenario),
+            "same": await self._quietest(same),
+            "elsewhere": await self._quietest(elsewhere),
+        }
+
     async def _quietest(self, attempt: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Run ``attempt``; if other processes took much of the cores meanwhile and time allows, once more.
 
@@ -338,7 +423,7 @@ class Bench:
         return result
 
 
-async def run_all(quick: bool, use_uvloop: bool) -> dict[str, Any]:
+async def run_all(quick: bool, use_uvloop: bool, with_redis: bool = True) -> dict[str, Any]:
     """Every standard scenario; the raw results the tables are made from."""
     machine = _machine(use_uvloop)
     started = time.monotonic()
@@ -354,6 +439,16 @@ async def run_all(quick: bool, use_uvloop: bool) -> dict[str, Any]:
                 await bench.compare(paced(n), mock, mock_url) for n in (PACED_STREAMS_QUICK if quick else PACED_STREAMS)
             ]
             unpaced_run = await bench.compare(unpaced(quick), mock, mock_url)
+            redis_runs: list[dict[str, Any]] = []
+            if with_redis:
+                async with bench.redis() as found:
+                    if found is not None:
+                        redis, redis_url = found
+                        for scenario in [
+                            *(paced(n) for n in (REDIS_STREAMS_QUICK if quick else REDIS_STREAMS)),
+                            unpaced(quick),
+                        ]:
+                            redis_runs.append(await bench.compare_redis(scenario, mock, mock_url, redis, redis_url))
         machine["relay_event_loop"] = bench.relay_loop
     machine["duration_s"] = round(time.monotonic() - started, 1)
     return {
@@ -362,6 +457,7 @@ async def run_all(quick: bool, use_uvloop: bool) -> dict[str, Any]:
         "settings": {"pace_s": PACE, "ramp_s": PACED_RAMP, "retention_s": RETENTION},
         "paced": paced_runs,
         "unpaced": unpaced_run,
+        "redis": redis_runs,
     }
 
 
@@ -464,13 +560,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a short smoke run (N = 10, 100; a smaller unpaced run)")
     parser.add_argument("--no-uvloop", action="store_true", help="run the mock and load generator on asyncio's loop")
+    parser.add_argument("--no-redis", action="store_true", help="leave out the scenarios with --redis-url")
     parser.add_argument("--output", type=Path, help="where to write the markdown (default bench/RESULTS[-quick].md)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", level=logging.INFO, stream=sys.stderr)
     raise_nofile_limit()  # The children inherit it: the relay holds two sockets a stream.
     output: Path = args.output or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     try:
-        results = asyncio.run(run_all(args.quick, not args.no_uvloop))
+        results = asyncio.run(run_all(args.quick, not args.no_uvloop, not args.no_redis))
     except BenchError as exc:
         logger.error("%s", exc)
         return 1

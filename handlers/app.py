@@ -19,12 +19,13 @@ from aiohttp.typedefs import Handler
 
 from .config import Config
 from .errors import ProtocolLog, RelayError, error_response, http_error_response
-from .keys import access_key, client_session_key, config_key, origins_key, streams_key
+from .keys import access_key, client_session_key, config_key, origins_key, redis_key, streams_key
 from .provider import demo
 from .routes import ops, page
 from .routes.access import Access, client_key
 from .routes.origins import Origins
 from .routes.stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
+from .stores.log import StreamStore
 from .stores.memory import MemoryStreamStore
 from .streams.generation import Streams
 
@@ -43,6 +44,7 @@ def create_app(config: Config) -> web.Application:
     app[config_key] = config
     app[origins_key] = Origins(config)
     app.cleanup_ctx.append(_client_session)
+    app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_streams)
     app.cleanup_ctx.append(_access_control)
     app.on_shutdown.append(_drain_streams)
@@ -107,11 +109,51 @@ async def _client_session(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    """With a Redis URL, one Redis client (and its connection pool) for the app's shared state."""
+    config = app[config_key]
+    if config.redis_url is None:
+        yield
+        return
+    from .stores.redis import connect
+
+    client = connect(config.redis_url)
+    app[redis_key] = client
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+def _store(app: web.Application) -> StreamStore:
+    """The memory store, or with a Redis URL the store that every process shares."""
+    config = app[config_key]
+    if config.redis_url is None:
+        return MemoryStreamStore(
+            stream_bytes=config.stream_buffer_bytes,
+            total_bytes=config.buffer_total_bytes,
+            max_streams=config.max_streams,
+            client_streams=config.client_streams,
+        )
+    from .stores.redis import RedisStreamStore
+
+    store = RedisStreamStore(
+        app[redis_key],
+        prefix=config.redis_prefix,
+        stream_bytes=config.stream_buffer_bytes,
+        total_bytes=config.buffer_total_bytes,
+        max_streams=config.max_streams,
+        client_streams=config.client_streams,
+        retention=config.retention,
+    )
+    store.start()
+    return store
+
+
 async def _streams(app: web.Application) -> AsyncIterator[None]:
     """The registry of generations; closed after the client session is no longer needed by them."""
     config = app[config_key]
-    store = MemoryStreamStore(stream_bytes=config.stream_buffer_bytes, total_bytes=config.buffer_total_bytes)
-    streams = Streams(config, store)
+    streams = Streams(config, _store(app))
     app[streams_key] = streams
     streams.start_watchdog()
     try:
@@ -121,7 +163,7 @@ async def _streams(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _access_control(app: web.Application) -> AsyncIterator[None]:
-    access = Access(app[config_key])
+    access = Access(app[config_key], app.get(redis_key))
     app[access_key] = access
     try:
         yield

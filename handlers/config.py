@@ -275,6 +275,23 @@ class Config:
         env=["THINKSTREAM_ALLOWED_HOSTS"],
         flag="--allowed-hosts",
     )
+    redis_url: str | None = _setting(
+        None,
+        "Redis (7 or newer) or Valkey that several relay processes share, as redis://[:password@]host[:port][/db], "
+        "rediss:// for TLS, or unix:///path/to/socket: streams, cancellations and limits then reach across "
+        "processes and machines. Unset: one process, everything in memory. Put a password in the environment, "
+        "not on the command line.",
+        env=["THINKSTREAM_REDIS_URL", "REDIS_URL"],
+        flag="--redis-url",
+        secret=True,
+    )
+    redis_prefix: str = _setting(
+        "thinkstream",
+        "Prefix of every Redis key the relay writes; relays with different prefixes share a Redis without "
+        "seeing each other's streams.",
+        env=["THINKSTREAM_REDIS_PREFIX"],
+        flag="--redis-prefix",
+    )
     ready_check: bool = _setting(
         False,
         "Make /readyz also check that the provider answers (GET <base-url>/models), not just that one is configured.",
@@ -397,6 +414,14 @@ def _validate(config: Config) -> None:
         raise ConfigError("CORS credentials cannot be allowed for every origin ('*'): list the origins")
     if any(not t or t != t.strip() for t in config.tokens):
         raise ConfigError("tokens must be non-empty and without spaces around them")
+    if config.redis_url is not None:
+        scheme = config.redis_url.partition("://")[0]
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError(
+                "the Redis URL must start with redis://, rediss:// or unix:// (for example redis://localhost:6379/0)"
+            )
+    if not config.redis_prefix or any(c.isspace() or c in "{}" for c in config.redis_prefix):
+        raise ConfigError(f"redis prefix {config.redis_prefix!r} must be non-empty, without spaces or braces")
     if any(not m or m != m.strip() for m in config.models):
         raise ConfigError(f"models must be non-empty names without spaces around them: {config.models!r}")
 

@@ -23,6 +23,7 @@ __all__ = [
     "ProtocolLog",
     "RelayError",
     "RequestError",
+    "StoreUnavailable",
     "UpstreamConnectError",
     "UpstreamError",
     "UpstreamProtocolError",
@@ -32,6 +33,8 @@ __all__ = [
     "excerpt",
     "let_go_of_cancellation",
     "redact",
+    "server_busy",
+    "too_many_streams",
 ]
 
 
@@ -116,6 +119,35 @@ class UpstreamStatusError(UpstreamError):
         if status >= 500 and status not in _STATUS_CODES:
             code = "upstream_unavailable"
         super().__init__(message, code=code, retryable=retryable, upstream_status=status)
+
+
+class StoreUnavailable(RelayError):
+    """The shared stream store (Redis) cannot be reached; worth a retry once it is back."""
+
+    code = "store_unavailable"
+    http_status = 503
+    retryable = True
+
+    def __init__(self, message: str = "the stream store is unreachable; try again shortly") -> None:
+        super().__init__(message, retry_after=5)
+
+
+def server_busy() -> RelayError:
+    return RelayError(
+        "the server is at its limit of concurrent streams; try again shortly",
+        code="server_busy",
+        http_status=503,
+        retry_after=5,
+    )
+
+
+def too_many_streams(limit: int) -> RelayError:
+    return RelayError(
+        f"you already have {limit} streams running; wait for one to end",
+        code="too_many_streams",
+        http_status=429,
+        retry_after=5,
+    )
 
 
 class ClientGone(Exception):

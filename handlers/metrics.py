@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 
+import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-__all__ = ["Metrics"]
+__all__ = ["Metrics", "render_processes"]
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _DURATION_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -89,6 +90,46 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def snapshot(self) -> bytes:
+        """This process's samples as JSON, for :func:`render_processes` in whichever process is scraped."""
+        return orjson.dumps(
+            [
+                [m.name, m.documentation, m.type, [[s.name, s.labels, s.value] for s in m.samples]]
+                for m in self.registry.collect()
+            ]
+        )
+
+
+def render_processes(snapshots: Mapping[str, bytes]) -> bytes:
+    """Several processes' metrics in one exposition, each sample labelled with its ``process``.
+
+    With several relay processes behind one address (gunicorn's workers, or
+    hosts behind a balancer) a scrape reaches one of them; it answers for
+    all, from the snapshots they share through Redis. Sum over ``process``
+    in queries (``sum by (outcome) (rate(thinkstream_streams_total[5m]))``).
+    """
+    merged: dict[str, Metric] = {}
+    for process, data in sorted(snapshots.items()):
+        for name, documentation, kind, samples in orjson.loads(data):
+            metric = merged.get(name)
+            if metric is None:
+                metric = merged[name] = Metric(name, documentation, kind)
+            for sample, labels, value in samples:
+                metric.add_sample(sample, {**labels, "process": process}, value)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fixed(list(merged.values())))
+    return generate_latest(registry)
+
+
+class _Fixed(Collector):
+    """Metric families made beforehand."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
 
 
 class _EventCounts(Collector):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import FakeProvider, RelayFactory
+from helpers import REDIS_SERVER, FakeProvider, RedisServer, RelayFactory
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -77,3 +78,40 @@ async def browser() -> AsyncIterator[Any]:
             yield instance
         finally:
             await instance.close()
+
+
+def _need_redis() -> None:
+    if REDIS_SERVER is None:
+        if os.environ.get("CI"):
+            pytest.fail("redis-server is not installed; .ci/run installs it with apt-get")
+        pytest.skip("these tests need Debian's redis-server (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """One ``redis-server`` for the whole run; tests keep apart by key prefix (see ``redis_settings``)."""
+    _need_redis()
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_settings(shared_redis: RedisServer) -> dict[str, Any]:
+    """Settings that put a relay on the shared Redis, under a prefix of this test's own."""
+    return {"redis_url": shared_redis.url, "redis_prefix": f"test-{secrets.token_hex(4)}"}
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    """A ``redis-server`` of this test's own, which it may stop and start again."""
+    _need_redis()
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

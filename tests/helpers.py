@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import resource
+import shutil
 import signal
 import socket
+import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -251,6 +254,42 @@ async def stop_server(process: asyncio.subprocess.Process, sig: int = signal.SIG
     return code, rest
 
 
+class RelayProcess:
+    """A real ``python server.py``, its log read as it goes (so that a busy one never blocks on a full pipe)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, port: int, log: bytes) -> None:
+        self.process = process
+        self.port = port
+        self.log = log
+        self._drain = asyncio.ensure_future(self._read_log())
+
+    @classmethod
+    async def start(cls, *args: str, env: dict[str, str] | None = None) -> RelayProcess:
+        return cls(*await start_server(*args, env=env))
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    async def _read_log(self) -> None:
+        assert self.process.stderr is not None
+        while line := await self.process.stderr.readline():
+            self.log += line
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies with no chance to tidy up, as on a crash or a lost machine."""
+        if self.process.returncode is None:
+            self.process.kill()
+
+    async def stop(self, sig: int = signal.SIGINT) -> int:
+        """Signal it (unless it is already dead) and wait for its exit status."""
+        if self.process.returncode is None:
+            self.process.send_signal(sig)
+        async with asyncio.timeout(30):
+            code = await self.process.wait()
+            await self._drain
+        return code
+
+
 async def eventually(condition: Callable[[], bool], what: str, within: float = 5.0) -> None:
     """Wait until ``condition()`` holds, for things the relay does in its own time; fail saying ``what``."""
     loop = asyncio.get_running_loop()
@@ -258,3 +297,44 @@ async def eventually(condition: Callable[[], bool], what: str, within: float = 5
     while not condition():
         assert loop.time() < deadline, f"not within {within} s: {what}"
         await asyncio.sleep(0.01)
+
+
+REDIS_SERVER = shutil.which("redis-server") or shutil.which("valkey-server")
+
+
+class RedisServer:
+    """A real ``redis-server`` on a free loopback port, persistence off, that a test may stop and start again."""
+
+    def __init__(self) -> None:
+        assert REDIS_SERVER is not None
+        self.port = free_port()
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            assert self._process.poll() is None, "redis-server exited at start-up"
+            assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None

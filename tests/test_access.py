@@ -27,6 +27,7 @@ from helpers import FakeProvider, RelayFactory, Reply, collect, eventually, pars
 
 from handlers.app import create_app
 from handlers.config import Config
+from handlers.keys import streams_key
 
 Client = TestClient[web.Request, web.Application]
 
@@ -129,17 +130,17 @@ API_ROUTES = [
 ]
 
 
-async def path_to(client: Client, route: Route) -> str:
+async def path_to(client: Client, route: Route, owner: Mapping[str, str] | None = None) -> str:
     """The route's path; one that names a stream names a real (finished) one, made with a valid token."""
     if not route.names_a_stream:
         return route.path
-    events = await collect(client, "POST", json={"messages": HELLO}, headers=bearer("tok-a"))
+    events = await collect(client, "POST", json={"messages": HELLO}, headers=owner or bearer("tok-a"))
     return route.path.replace("{id}", events[0].data["stream"])
 
 
 async def call(client: Client, route: Route, headers: Mapping[str, str] | None = None) -> ClientResponse:
-    """Make the request and read its whole answer (a stream included)."""
-    path = await path_to(client, route)
+    """Make the request and read its whole answer (a stream included, made with the same credentials)."""
+    path = await path_to(client, route, headers)
     async with client.request(route.method, path, headers=headers, **route.kwargs) as response:
         await response.read()
         return response
@@ -366,6 +367,80 @@ async def test_without_cors_a_preflight_is_refused_but_not_for_want_of_a_token(r
 
     async with client.options("/stream", headers={"Origin": APP, "Access-Control-Request-Method": "POST"}) as response:
         assert response.status == 405
+
+
+# A stream belongs to the token that started it.
+
+STREAM_ROUTES = [r for r in API_ROUTES if r.values[0].names_a_stream]
+
+
+@pytest.mark.parametrize("route", STREAM_ROUTES)
+async def test_another_token_gets_404_for_a_stream_as_if_it_did_not_exist(
+    relay_to: RelayFactory, answers: FakeProvider, route: Route
+) -> None:
+    client = await relay_to(tokens=TOKENS)
+    path = await path_to(client, route, owner=bearer("tok-a"))
+    stream_id = path.split("/")[2]
+    missing = path.replace(stream_id, "A" * len(stream_id))
+
+    async with client.request(route.method, path, headers=bearer("tok-b"), **route.kwargs) as response:
+        assert response.status == 404
+        refusal = (await response.json())["error"]
+    async with client.request(route.method, missing, headers=bearer("tok-b"), **route.kwargs) as response:
+        nothing = (await response.json())["error"]
+
+    assert refusal["code"] == nothing["code"] == "stream_not_found"
+    assert refusal["message"].replace(stream_id, "X") == nothing["message"].replace("A" * len(stream_id), "X")
+
+
+async def test_another_token_cannot_cancel_a_running_stream(relay_to: RelayFactory, slow: FakeProvider) -> None:
+    client = await relay_to(tokens=TOKENS)
+    async with running_stream(client, bearer("tok-a")) as stream_id:
+        async with client.post(f"/stream/{stream_id}/cancel", headers=bearer("tok-b")) as refused:
+            assert refused.status == 404
+        assert client.app[streams_key].get(stream_id).running
+
+
+async def test_the_token_that_started_a_stream_resumes_it_with_last_event_id(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to(tokens=TOKENS)
+    events = await collect(client, "POST", json={"messages": HELLO}, headers=bearer("tok-b"))
+
+    async with client.get(
+        f"/stream/{events[0].data['stream']}", headers={**bearer("tok-b"), "Last-Event-ID": events[1].id}
+    ) as response:
+        assert response.status == 200
+        assert [e.id for e in parse_sse(await response.read())] == [e.id for e in events[2:]]
+
+
+async def test_an_eventsource_reconnect_from_another_token_gets_404(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to(tokens=TOKENS)
+    events = await collect(client, params={"prompt": "hi", "access_token": "tok-a"})
+
+    async with client.get(
+        "/stream", params={"prompt": "hi", "access_token": "tok-b"}, headers={"Last-Event-ID": events[1].id}
+    ) as response:
+        assert response.status == 404
+    assert len(answers.requests) == 1, "a refused reconnect never becomes a new generation"
+
+
+async def test_without_tokens_any_client_may_resume_and_cancel_a_stream(
+    relay_to: RelayFactory, slow: FakeProvider
+) -> None:
+    # Behind a trusted proxy each forwarded address is its own client; without tokens, none owns a stream.
+    client = await relay_to(trusted_proxies=("127.0.0.1",))
+    started = await client.post("/stream", json={"messages": HELLO}, headers={"X-Forwarded-For": "192.0.2.1"})
+    stream_id = (await first_event(started))["stream"]
+
+    async with client.get(f"/stream/{stream_id}", headers={"X-Forwarded-For": "192.0.2.2"}) as resumed:
+        assert resumed.status == 200
+        assert (await first_event(resumed))["type"] == "meta"
+    async with client.post(f"/stream/{stream_id}/cancel", headers={"X-Forwarded-For": "192.0.2.3"}) as cancel:
+        assert await cancel.json() == {"stream": stream_id, "cancelled": True}
+    started.close()
 
 
 # Limits on what one request may ask for.

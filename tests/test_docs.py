@@ -39,8 +39,8 @@ def test_help_documents_every_setting() -> None:
 
 
 def test_readme_lists_every_error_code_the_code_can_produce() -> None:
-    source = "\n".join(p.read_text() for p in (ROOT / "handlers").glob("*.py"))
-    codes = set(re.findall(r'code="([a-z_]+)"', source)) | set(re.findall(r'\("(upstream_[a-z_]+)", ', source))
+    source = "\n".join(p.read_text() for p in (ROOT / "handlers").rglob("*.py"))
+    codes = set(re.findall(r'code ?= ?"([a-z_]+)"', source)) | set(re.findall(r'\("(upstream_[a-z_]+)", ', source))
 
     missing = sorted(code for code in codes if f"`{code}`" not in README)
     assert not missing, f"README's error table lacks {missing}"

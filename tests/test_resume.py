@@ -623,9 +623,14 @@ async def test_a_failure_in_the_relay_after_a_resume_began_ends_it_with_an_error
     provider.reply = paced_answer(delay=0)
     client = await relay_to()
     events = await read_all(client, "/stream", params={"prompt": "hi"})
-    store = client.app[streams_key].store
-    log = store.get(events[0].data["stream"])
-    store.get = lambda stream_id: _LogThatFailsToRead(log)  # type: ignore[method-assign]
+    streams = client.app[streams_key]
+    log = await streams.open(events[0].data["stream"], None)
+    assert log is not None
+
+    async def failing(stream_id: str, principal: str | None) -> Any:
+        return _LogThatFailsToRead(log)
+
+    streams.open = failing  # type: ignore[method-assign]
 
     async with client.get(f"/stream/{log.stream_id}", params={"format": fmt}) as response:
         assert response.status == 200

@@ -16,31 +16,61 @@ import hmac
 import ipaddress
 import math
 import time
+from typing import TYPE_CHECKING
 
 import limits
 from aiohttp import web
-from limits.aio.storage import MemoryStorage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
+from limits.errors import StorageError
 
 from ..config import Config
-from ..errors import RelayError
+from ..errors import RelayError, StoreUnavailable
 
-__all__ = ["Access", "client_key"]
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+__all__ = ["Access", "client_key", "principal"]
 
 # The client a request is attributed to, set by the access middleware.
 client_key = web.RequestKey("client_key", str)
+# How a client that presented an access token is named.
+_TOKEN_CLIENT = "token:"
+
+
+def principal(request: web.Request) -> str | None:
+    """Who owns the streams ``request`` starts: its access token (by fingerprint), or None without tokens."""
+    client = request.get(client_key)
+    return client if client is not None and client.startswith(_TOKEN_CLIENT) else None
 
 
 class Access:
     """Access control and per-client request rates for one application."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, redis: Redis | None = None) -> None:
         self._tokens = [token.encode() for token in config.tokens]
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self._ipv6_prefix = config.ipv6_prefix
         self._limit = limits.parse(config.rate_limit)
-        self._storage = MemoryStorage()
-        self._limiter = SlidingWindowCounterRateLimiter(self._storage)
+        self._memory: MemoryStorage | None = None
+        self._storage_errors: tuple[type[Exception], ...] = (StorageError,)
+        storage: Storage
+        if redis is None:
+            storage = self._memory = MemoryStorage()
+        else:
+            # Every process counts in the same Redis, through the pool the stream store uses.
+            from limits.aio.storage import RedisStorage
+            from redis.exceptions import RedisError
+
+            storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                connection_pool=redis.connection_pool,  # type: ignore[arg-type]  # limits types options narrowly
+                key_prefix=f"{config.redis_prefix}:limits",
+                wrap_exceptions=True,
+            )
+            self._storage_errors = (StorageError, RedisError)
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
 
     def client(self, request: web.BaseRequest) -> str:
         """Authenticate ``request`` (401 if it must and cannot) and name its client."""
@@ -57,13 +87,16 @@ class Access:
                 code="unauthorized",
                 http_status=401,
             )
-        return "token:" + hashlib.sha256(given).hexdigest()[:12]
+        return _TOKEN_CLIENT + hashlib.sha256(given).hexdigest()[:12]
 
     async def check_rate(self, client: str) -> None:
-        """Count one request for ``client``; 429 with Retry-After past the limit."""
-        if await self._limiter.hit(self._limit, client):
-            return
-        stats = await self._limiter.get_window_stats(self._limit, client)
+        """Count one request for ``client``; 429 with Retry-After past the limit (503 when Redis is down)."""
+        try:
+            if await self._limiter.hit(self._limit, client):
+                return
+            stats = await self._limiter.get_window_stats(self._limit, client)
+        except self._storage_errors:
+            raise StoreUnavailable() from None
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise RelayError(
             f"too many requests: the limit is {self._limit}; try again in {retry_after} s",
@@ -73,11 +106,13 @@ class Access:
         )
 
     async def close(self) -> None:
-        """Stop the storage's expiry task, so that none is left pending at exit."""
-        timer = self._storage.timer
+        """Stop the memory storage's expiry task, so that none is left pending at exit."""
+        if self._memory is None:
+            return
+        timer = self._memory.timer
         if timer is not None and not timer.done():
             timer.cancel()
-        await self._storage.reset()
+        await self._memory.reset()
 
     def address(self, request: web.BaseRequest) -> str:
         """The peer's address, or the client's as told by trusted proxies (an IPv6 one as its network)."""

@@ -9,7 +9,9 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from ..errors import RelayError
 from ..keys import client_session_key, config_key, streams_key
+from ..metrics import render_processes
 
 __all__ = ["healthz", "metrics", "models", "readyz"]
 
@@ -30,6 +32,9 @@ async def readyz(request: web.Request) -> web.Response:
     streams = request.config_dict[streams_key]
     if not streams.accepting:
         return web.json_response({"status": "shutting_down"}, status=503)
+    trouble = await streams.store.unavailable()
+    if trouble is not None:
+        return web.json_response({"status": "unavailable", "reason": trouble}, status=503)
     if config.uses_demo:
         return web.json_response({"status": "ok", "provider": "demo"})
     if not config.ready_check:
@@ -60,7 +65,18 @@ async def models(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     """``GET /metrics``: Prometheus text format."""
-    body = request.config_dict[streams_key].metrics.render()
+    streams = request.config_dict[streams_key]
+    metrics = streams.metrics
+    if not streams.store.shared:
+        body = metrics.render()
+    else:
+        # Whichever process is scraped answers for every process that shares the store.
+        own = metrics.snapshot()
+        try:
+            snapshots = await streams.store.gather_metrics(own)
+        except RelayError:
+            snapshots = None
+        body = render_processes(snapshots or {streams.store.process: own})
     response = web.Response(body=body)
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

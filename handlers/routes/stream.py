@@ -25,7 +25,7 @@ from ..provider.upstream import Upstream
 from ..stores.log import LogGap, StreamLog
 from ..streams.generation import Streams, server_shutdown
 from ..streams.sinks import open_sink
-from .access import client_key
+from .access import client_key, principal
 from .chat_request import read_chat_request
 
 __all__ = ["DEMO_ROUTE", "cancel_stream", "resume_stream", "start_stream"]
@@ -51,7 +51,9 @@ async def start_stream(request: web.Request) -> web.StreamResponse:
         raise server_shutdown()
     upstream = _upstream(request, config)
     # The access middleware names the client of every API request (token, or address via trusted proxies).
-    generation = streams.start(request.config_dict[client_session_key], upstream, chat, request[client_key])
+    generation = await streams.start(
+        request.config_dict[client_session_key], upstream, chat, request[client_key], principal(request)
+    )
     # Its generation's first step appends the meta event, so the headers can wait for it.
     return await _follow(request, streams, generation.log, 0, ndjson, events_due=True)
 
@@ -75,7 +77,7 @@ async def cancel_stream(request: web.Request) -> web.Response:
     """``POST /stream/{id}/cancel`` or ``DELETE /stream/{id}``: stop the generation now."""
     streams = request.config_dict[streams_key]
     stream_id = request.match_info["id"]
-    if streams.store.get(stream_id) is None:
+    if await streams.open(stream_id, principal(request)) is None:
         raise _not_found(stream_id)
     stopped = await streams.cancel(stream_id)
     return web.json_response({"stream": stream_id, "cancelled": stopped})
@@ -83,7 +85,8 @@ async def cancel_stream(request: web.Request) -> web.Response:
 
 async def _resume(request: web.Request, streams: Streams, stream_id: str, after: int) -> web.StreamResponse:
     ndjson = _wants_ndjson(request)
-    log = streams.store.get(stream_id)
+    # A stream started with an access token is another token's business only as far as a 404.
+    log = await streams.open(stream_id, principal(request))
     if log is None:
         raise _not_found(stream_id)
     try:
@@ -111,36 +114,42 @@ async def _follow(
 ) -> web.StreamResponse:
     """Send the log's events after ``after`` to this connection until the stream ends."""
     config = request.config_dict[config_key]
-    sink = await open_sink(
-        request,
-        ndjson=ndjson,
-        stream_id=log.stream_id,
-        retry_ms=config.retry_ms,
-        keepalive=config.keepalive,
-        stall_timeout=config.stall_timeout,
-    )
-    reader = streams.attach(log.stream_id, sink)
-    try:
-        if not events_due:
-            # Nothing to send yet: the client learns at once that it is connected.
-            await sink.send_headers()
-        await reader.follow(log, after)
-    except ClientGone:
-        pass
-    except LogGap:
-        # This reader fell further behind than the stream's buffer reaches.
-        error = RelayError("this connection fell too far behind; the events it missed are gone", code="resume_gap")
-        with contextlib.suppress(ClientGone):
-            await sink.send(error.event())
-    except Exception:
-        # The response has begun, so the JSON error answer is no longer possible: an error event instead.
-        logger.exception("sending stream %s to a client failed", log.stream_id)
-        error = RelayError("the relay failed unexpectedly; see the server log")
-        with contextlib.suppress(ClientGone):
-            await sink.send(error.event())
-    finally:
-        streams.detach(reader)
-        await sink.close()
+    # Entered before the response starts, so that a store that cannot be reached is still a JSON 503.
+    async with streams.reading(log.stream_id):
+        sink = await open_sink(
+            request,
+            ndjson=ndjson,
+            stream_id=log.stream_id,
+            retry_ms=config.retry_ms,
+            keepalive=config.keepalive,
+            stall_timeout=config.stall_timeout,
+        )
+        reader = streams.attach(log.stream_id, sink)
+        try:
+            if not events_due:
+                # Nothing to send yet: the client learns at once that it is connected.
+                await sink.send_headers()
+            await reader.follow(log, after)
+        except ClientGone:
+            pass
+        except LogGap:
+            # This reader fell further behind than the stream's buffer reaches.
+            error = RelayError("this connection fell too far behind; the events it missed are gone", code="resume_gap")
+            with contextlib.suppress(ClientGone):
+                await sink.send(error.event())
+        except RelayError as exc:
+            # The store failed while this connection followed a stream that runs elsewhere.
+            with contextlib.suppress(ClientGone):
+                await sink.send(exc.event())
+        except Exception:
+            # The response has begun, so the JSON error answer is no longer possible: an error event instead.
+            logger.exception("sending stream %s to a client failed", log.stream_id)
+            error = RelayError("the relay failed unexpectedly; see the server log")
+            with contextlib.suppress(ClientGone):
+                await sink.send(error.event())
+        finally:
+            streams.detach(reader)
+            await sink.close()
     return sink.response
 
 

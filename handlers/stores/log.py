@@ -12,9 +12,20 @@ never a silent hole.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
-__all__ = ["EVENT_CODES", "EVENT_TYPES", "READ_BYTES", "Events", "LogGap", "StreamLog", "StreamStore"]
+__all__ = [
+    "EVENT_CODES",
+    "EVENT_TYPES",
+    "READ_BYTES",
+    "Events",
+    "LogClosed",
+    "LogGap",
+    "Owner",
+    "StreamLog",
+    "StreamStore",
+]
 
 # The event contract's types, in the order of their one-byte codes in a log.
 EVENT_TYPES = ("meta", "reasoning", "content", "tool_call", "done", "error")
@@ -53,14 +64,33 @@ class LogGap(Exception):
     """The events asked for were evicted to keep memory bounded."""
 
 
+class LogClosed(Exception):
+    """The log takes no more events: its stream was ended elsewhere (cancelled, or taken for dead)."""
+
+
+class Owner(Protocol):
+    """A generation running in this process, as a shared store sees it (see :meth:`StreamStore.watch`)."""
+
+    def stop_requested(self) -> None:
+        """Someone, in any process, asked for the stream to be cancelled."""
+
+    def readers_elsewhere(self, count: int) -> None:
+        """``count`` other processes have readers of the stream now."""
+
+
 class StreamLog(ABC):
     """The events of one stream, in order."""
 
     stream_id: str
+    # Who may read or cancel the stream (an access token's fingerprint); None: anyone.
+    principal: str | None = None
 
     @abstractmethod
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
-        """Add ``(type, json)`` events, numbered on from the last one; return them, numbered."""
+        """Add ``(type, json)`` events, numbered on from the last one; return them, numbered.
+
+        Raises :class:`LogClosed` when the stream was ended elsewhere.
+        """
 
     @abstractmethod
     async def finish(self) -> None:
@@ -88,18 +118,66 @@ class StreamLog(ABC):
 
 
 class StreamStore(ABC):
-    """Where logs live, keyed by stream id."""
+    """Where logs live, keyed by stream id, and what processes serving one stream space share.
+
+    The memory store serves one process, which shares nothing; a shared
+    store (Redis) also counts concurrent streams across processes, carries
+    cancellations to the process that runs a generation, and tells it of
+    readers elsewhere.
+    """
+
+    # Whether other processes serve the same streams, and this one's name among them.
+    shared = False
+    process = ""
 
     @abstractmethod
-    def create(self, stream_id: str) -> StreamLog: ...
+    async def create(self, stream_id: str, *, client: str, principal: str | None = None) -> StreamLog:
+        """A new stream's log, counted against the concurrency limits until it finishes.
+
+        Raises :class:`~handlers.errors.RelayError` (503 ``server_busy`` or
+        429 ``too_many_streams``) when the limits are reached.
+        """
 
     @abstractmethod
-    def get(self, stream_id: str) -> StreamLog | None:
+    async def get(self, stream_id: str) -> StreamLog | None:
         """The log, or ``None`` if it never existed or has expired."""
 
     @abstractmethod
-    def discard(self, stream_id: str) -> None: ...
+    def discard(self, stream_id: str) -> None:
+        """Forget what this process holds of the stream (its retention is over)."""
 
     @abstractmethod
-    def close(self) -> None:
+    async def close(self) -> None:
         """Release everything (application cleanup)."""
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        """Ask the process running the stream to cancel it; False if it is not running."""
+        return False
+
+    def watch(self, stream_id: str, owner: Owner) -> None:
+        """Tell ``owner`` of cancellations and readers elsewhere until its log finishes."""
+        return None  # One process shares nothing.
+
+    async def reader_joined(self, stream_id: str) -> None:
+        """A connection of this process follows a stream that runs elsewhere."""
+        return None  # One process shares nothing.
+
+    async def reader_left(self, stream_id: str) -> None:
+        """That connection stopped following."""
+        return None  # One process shares nothing.
+
+    async def readers_elsewhere(self, stream_id: str) -> int:
+        """How many other processes have readers of the stream now."""
+        return 0
+
+    async def unavailable(self) -> str | None:
+        """Why the store cannot serve now, or None when it can (for readiness probes)."""
+        return None
+
+    def share_metrics(self, snapshot: Callable[[], bytes]) -> None:
+        """Publish ``snapshot()`` (this process's metrics) where other processes can read them, every few seconds."""
+        return None  # One process shares nothing.
+
+    async def gather_metrics(self, own: bytes) -> Mapping[str, bytes] | None:
+        """Every live process's metrics snapshot, by process (``own`` included); None when there is one process."""
+        return None

@@ -16,6 +16,7 @@ from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
+from ..errors import server_busy, too_many_streams
 from .log import EVENT_CODES, EVENT_TYPES, READ_BYTES, Events, LogGap, StreamLog, StreamStore
 
 __all__ = ["MemoryStreamLog", "MemoryStreamStore"]
@@ -39,8 +40,12 @@ class MemoryStreamLog(StreamLog):
     down from a 1 KiB buffer, so keeping each one would pin that much heap).
     """
 
-    def __init__(self, store: MemoryStreamStore, stream_id: str) -> None:
+    def __init__(
+        self, store: MemoryStreamStore, stream_id: str, client: str = "", principal: str | None = None
+    ) -> None:
         self.stream_id = stream_id
+        self.client = client
+        self.principal = principal
         self._store = store
         self._texts = bytearray()
         # Where each event's text ends, counted from the stream's first byte
@@ -79,8 +84,9 @@ class MemoryStreamLog(StreamLog):
         return appended
 
     async def finish(self) -> None:
-        self._finished = True
-        self._store._finished(self)
+        if not self._finished:
+            self._finished = True
+            self._store._finished(self)
         self._wake()
 
     async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
@@ -142,41 +148,72 @@ class MemoryStreamLog(StreamLog):
 
 
 class MemoryStreamStore(StreamStore):
-    """Logs in this process, bounded per stream and in total."""
+    """Logs in this process, bounded per stream and in total; the streams running now, counted."""
 
-    def __init__(self, *, stream_bytes: int, total_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        stream_bytes: int,
+        total_bytes: int,
+        max_streams: int | None = None,
+        client_streams: int | None = None,
+    ) -> None:
         self._stream_bytes = stream_bytes
         self._total_bytes = total_bytes
+        self._max_streams = max_streams
+        self._client_streams = client_streams
         self._logs: dict[str, MemoryStreamLog] = {}
         # Finished logs, oldest first: the first to go when memory runs short.
         self._done: OrderedDict[str, MemoryStreamLog] = OrderedDict()
+        # Running streams, in all and per client.
+        self._running = 0
+        self._per_client: dict[str, int] = {}
         self.size = 0
 
-    def create(self, stream_id: str) -> MemoryStreamLog:
-        log = MemoryStreamLog(self, stream_id)
+    async def create(self, stream_id: str, *, client: str = "", principal: str | None = None) -> MemoryStreamLog:
+        if self._max_streams is not None and self._running >= self._max_streams:
+            raise server_busy()
+        if self._client_streams is not None and self._per_client.get(client, 0) >= self._client_streams:
+            raise too_many_streams(self._client_streams)
+        log = MemoryStreamLog(self, stream_id, client, principal)
         self._logs[stream_id] = log
+        self._running += 1
+        self._per_client[client] = self._per_client.get(client, 0) + 1
         return log
 
-    def get(self, stream_id: str) -> MemoryStreamLog | None:
+    async def get(self, stream_id: str) -> MemoryStreamLog | None:
         return self._logs.get(stream_id)
 
     def discard(self, stream_id: str) -> None:
         log = self._logs.pop(stream_id, None)
         if log is not None:
+            if not log._finished:
+                self._release(log)
             self._done.pop(stream_id, None)
             self.size -= log.size
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._logs.clear()
         self._done.clear()
+        self._running = 0
+        self._per_client.clear()
         self.size = 0
 
     def __len__(self) -> int:
         return len(self._logs)
 
     def _finished(self, log: MemoryStreamLog) -> None:
-        if log.stream_id in self._logs:
+        if self._logs.get(log.stream_id) is log:
+            self._release(log)
             self._done[log.stream_id] = log
+
+    def _release(self, log: MemoryStreamLog) -> None:
+        self._running -= 1
+        left = self._per_client[log.client] - 1
+        if left:
+            self._per_client[log.client] = left
+        else:
+            del self._per_client[log.client]
 
     def _grew(self, log: MemoryStreamLog, added: int) -> None:
         self.size += added

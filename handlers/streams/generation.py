@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -28,12 +30,15 @@ from ..errors import ClientGone, RelayError, UpstreamError, let_go_of_cancellati
 from ..metrics import Metrics
 from ..provider.upstream import Upstream, stream_chat
 from ..routes.chat_request import ChatRequest
-from ..stores.log import StreamLog, StreamStore
+from ..stores.log import LogClosed, LogGap, StreamLog, StreamStore
 from .sinks import EventSink
 
 __all__ = ["Generation", "Reader", "Streams", "cancelled", "server_shutdown"]
 
 logger = logging.getLogger(__name__)
+
+# What the stream ids the relay makes (secrets.token_urlsafe) look like.
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 # How often the watchdog looks for readers whose connection has closed.
 WATCH_INTERVAL = 0.5
@@ -128,13 +133,19 @@ class Reader:
 class Generation:
     """One upstream request and the log it writes."""
 
-    def __init__(self, stream_id: str, model: str, client: str, log: StreamLog) -> None:
+    def __init__(
+        self, stream_id: str, model: str, client: str, log: StreamLog, store: StreamStore, grace: float
+    ) -> None:
         self.id = stream_id
         self.model = model
         self.client = client
         self.log = log
         self.task: asyncio.Task[None] | None = None
+        # Connections following it in this process, and processes elsewhere that have some.
         self.readers = 0
+        self._elsewhere = 0
+        self._store = store
+        self._grace = grace
         # Readers waiting on this generation's events: it sends to them or wakes them.
         self._followers: list[Reader] = []
         self.outcome = "running"
@@ -142,6 +153,7 @@ class Generation:
         self._finished = False
         self._stop_reason: RelayError | None = None
         self._abandon: asyncio.TimerHandle | None = None
+        self._abandon_check: asyncio.Task[None] | None = None
 
     @property
     def running(self) -> bool:
@@ -193,20 +205,56 @@ class Generation:
     def reader_joined(self) -> None:
         """A connection follows this stream: it is no longer abandoned."""
         self.readers += 1
+        self._keep()
+
+    def reader_left(self) -> None:
+        """A connection stopped following; once no process has one, stop after the grace time."""
+        self.readers -= 1
+        self._abandon_later()
+
+    def readers_elsewhere(self, count: int) -> None:
+        """(:class:`Owner`) ``count`` other processes follow this stream now."""
+        self._elsewhere = count
+        if count:
+            self._keep()
+        else:
+            self._abandon_later()
+
+    def stop_requested(self) -> None:
+        """(:class:`Owner`) Someone, in any process, cancelled the stream."""
+        self.stop(cancelled())
+
+    def _keep(self) -> None:
         if self._abandon is not None:
             self._abandon.cancel()
             self._abandon = None
 
-    def reader_left(self, grace: float) -> None:
-        """A connection stopped following; after the last one, stop after ``grace`` seconds."""
-        self.readers -= 1
-        if self.readers or not self.running:
+    def _abandon_later(self) -> None:
+        if self.readers or self._elsewhere or not self.running or self._abandon is not None:
             return
-        reason = cancelled("every client disconnected")
-        if grace == 0:
-            self.stop(reason)
+        if self._grace == 0 and not self._store.shared:
+            self._abandoned()
         else:
-            self._abandon = asyncio.get_running_loop().call_later(grace, self.stop, reason)
+            self._abandon = asyncio.get_running_loop().call_later(self._grace, self._abandoned)
+
+    def _abandoned(self) -> None:
+        self._abandon = None
+        if not self._store.shared:
+            self.stop(cancelled("every client disconnected"))
+        elif self._abandon_check is None:
+            # What another process told us may be a second old: ask once more before stopping.
+            self._abandon_check = asyncio.create_task(self._stop_unless_read_elsewhere())
+
+    async def _stop_unless_read_elsewhere(self) -> None:
+        try:
+            elsewhere = await self._store.readers_elsewhere(self.id)
+        except RelayError:
+            elsewhere = 0  # The store is gone: nobody can be reading through it.
+        finally:
+            self._abandon_check = None
+        self._elsewhere = elsewhere
+        if not self.readers and not elsewhere:
+            self.stop(cancelled("every client disconnected"))
 
     def stop(self, reason: RelayError) -> bool:
         """Cancel the upstream request; the log ends with ``reason``. False if already over."""
@@ -266,6 +314,9 @@ class Generation:
         except asyncio.CancelledError:
             failure = self._stop_reason or cancelled()
             raise
+        except LogClosed:
+            # Ended elsewhere (taken for dead while this process stalled): its log already has its end.
+            self.outcome = "ended_elsewhere"
         except RelayError as exc:
             # Kept past this block, with its traceback it would tie this frame (and the stream) into a cycle.
             failure = exc.with_traceback(None)
@@ -275,7 +326,8 @@ class Generation:
         finally:
             if failure is not None:
                 self.outcome = failure.code
-                await self._append([encode(failure.event())])
+                with contextlib.suppress(LogClosed):
+                    await self._append([encode(failure.event())])
                 metrics.count_event("error")
             await log.finish()
             self._wake_followers_at_end()
@@ -330,6 +382,33 @@ def _logfmt(value: object) -> str:
     return text
 
 
+async def _until_finished(log: StreamLog) -> None:
+    """Wait until ``log`` has its last event (or a reader could no longer catch up with it)."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+
+    def wake() -> None:
+        if not woken.done():
+            woken.set_result(None)
+
+    log.subscribe(wake)
+    after = 0
+    try:
+        while True:
+            events, finished = await log.read(after)
+            if events is not None:
+                after = events.last
+                continue
+            if finished:
+                return
+            await woken
+            woken = loop.create_future()
+    except LogGap:
+        return
+    finally:
+        log.unsubscribe(wake)
+
+
 class Streams:
     """Every stream of one application."""
 
@@ -339,11 +418,11 @@ class Streams:
         self.metrics = Metrics(lambda: self._running, lambda: len(self._readers))
         self.accepting = True
         self._running = 0
-        self._per_client: dict[str, int] = {}
         self._generations: dict[str, Generation] = {}
         self._readers: set[Reader] = set()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        store.share_metrics(self.metrics.snapshot)
 
     def __len__(self) -> int:
         """Generations running now."""
@@ -356,32 +435,25 @@ class Streams:
     def get(self, stream_id: str) -> Generation | None:
         return self._generations.get(stream_id)
 
-    def start(self, session: aiohttp.ClientSession, upstream: Upstream, chat: ChatRequest, client: str) -> Generation:
+    async def start(
+        self,
+        session: aiohttp.ClientSession,
+        upstream: Upstream,
+        chat: ChatRequest,
+        client: str,
+        principal: str | None = None,
+    ) -> Generation:
         """Create the stream and start its generation, which writes ``meta`` before calling the provider.
 
-        Refused (503, or 429 for one client) when too many generations already run.
+        Refused (503, or 429 for one client) when too many generations already
+        run, in this process or, with a shared store, in all of them.
         """
-        config = self.config
-        if self._running >= config.max_streams:
-            raise RelayError(
-                "the server is at its limit of concurrent streams; try again shortly",
-                code="server_busy",
-                http_status=503,
-                retry_after=5,
-            )
-        if self._per_client.get(client, 0) >= config.client_streams:
-            raise RelayError(
-                f"you already have {config.client_streams} streams running; wait for one to end",
-                code="too_many_streams",
-                http_status=429,
-                retry_after=5,
-            )
         stream_id = secrets.token_urlsafe(12)
-        log = self.store.create(stream_id)
-        generation = Generation(stream_id, chat.model, client, log)
+        log = await self.store.create(stream_id, client=client, principal=principal)
+        generation = Generation(stream_id, chat.model, client, log, self.store, self.config.disconnect_grace)
         self._generations[stream_id] = generation
         self._running += 1
-        self._per_client[client] = self._per_client.get(client, 0) + 1
+        self.store.watch(stream_id, generation)
         generation.task = asyncio.create_task(self._run(generation, session, upstream, chat))
         generation.task.add_done_callback(let_go_of_cancellation)
         return generation
@@ -393,12 +465,35 @@ class Streams:
             await generation.run(session, upstream, chat, self.config, self.metrics)
         finally:
             self._running -= 1
-            left = self._per_client[generation.client] - 1
-            if left:
-                self._per_client[generation.client] = left
-            else:
-                del self._per_client[generation.client]
             self._expire_later(generation.id)
+
+    async def open(self, stream_id: str, principal: str | None) -> StreamLog | None:
+        """The stream's log, if it exists and ``principal`` may read it (None otherwise, as for no stream).
+
+        A generation running here is read from this process's memory; any
+        other stream from the store.
+        """
+        if not _STREAM_ID.fullmatch(stream_id):
+            return None  # Not one of ours: no store is asked about it.
+        generation = self._generations.get(stream_id)
+        log = generation.log if generation is not None else await self.store.get(stream_id)
+        if log is None or (log.principal is not None and log.principal != principal):
+            return None
+        return log
+
+    @contextlib.asynccontextmanager
+    async def reading(self, stream_id: str) -> AsyncIterator[None]:
+        """While a connection here reads a stream whose generation runs elsewhere, a shared store knows."""
+        if stream_id in self._generations:
+            yield
+            return
+        await self.store.reader_joined(stream_id)
+        try:
+            yield
+        finally:
+            # A registration that cannot be withdrawn runs out by itself.
+            with contextlib.suppress(RelayError):
+                await self.store.reader_left(stream_id)
 
     def attach(self, stream_id: str, sink: EventSink) -> Reader:
         """A connection starts following ``stream_id``, writing to ``sink``."""
@@ -410,19 +505,27 @@ class Streams:
         return reader
 
     def detach(self, reader: Reader) -> None:
-        """A connection stops following; the last one to leave starts the grace time."""
+        """A connection stops following; the last one to leave anywhere starts the grace time."""
         self._readers.discard(reader)
-        generation = self._generations.get(reader.stream_id)
-        if generation is not None:
-            generation.reader_left(self.config.disconnect_grace)
+        if reader.generation is not None:
+            reader.generation.reader_left()
 
     async def cancel(self, stream_id: str) -> bool:
-        """Stop a running generation and wait until its upstream request is closed."""
+        """Stop a running generation, in this process or another, and wait until its upstream request is closed."""
         generation = self._generations.get(stream_id)
-        if generation is None or not generation.stop(cancelled()):
+        if generation is not None:
+            if not generation.stop(cancelled()):
+                return False
+            assert generation.task is not None
+            await asyncio.wait([generation.task], timeout=5)
+            return True
+        if not await self.store.request_cancel(stream_id):
             return False
-        assert generation.task is not None
-        await asyncio.wait([generation.task], timeout=5)
+        log = await self.store.get(stream_id)
+        if log is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await _until_finished(log)
         return True
 
     def _expire_later(self, stream_id: str) -> None:
@@ -473,7 +576,7 @@ class Streams:
             handle.cancel()
         self._expiry.clear()
         self._generations.clear()
-        self.store.close()
+        await self.store.close()
 
     def start_watchdog(self) -> None:
         self._watchdog = asyncio.create_task(self.watch())
