@@ -51,6 +51,7 @@ class Access:
         self._tokens = [token.encode() for token in config.tokens]
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self._ipv6_prefix = config.ipv6_prefix
+        self._ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - config.ipv6_prefix)) - 1)
         self._limit = limits.parse(config.rate_limit)
         self._memory: MemoryStorage | None = None
         self._storage_errors: tuple[type[Exception], ...] = (StorageError,)
@@ -136,7 +137,8 @@ class Access:
             return address
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network((ip, self._ipv6_prefix), strict=False))
+        # What str(ip_network(..., strict=False)) gives, at less than half its cost (per request).
+        return f"{ipaddress.IPv6Address(int(ip) & self._ipv6_mask)}/{self._ipv6_prefix}"
 
     def _trusted(self, address: str) -> bool:
         try:
