@@ -38,6 +38,11 @@ def transcript(name: str) -> bytes:
     return (DATA / name).read_bytes()
 
 
+def transcript_think(name: str) -> str:
+    """The ``think`` setting a transcript's model needs: ``open_think_*`` had ``<think>`` opened in the prompt."""
+    return "open" if name.startswith("open_think") else "auto"
+
+
 @dataclass
 class Reply:
     """What the fake provider answers to one request."""
