@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +39,26 @@ _ERROR_BODY_LIMIT = 64 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where one request goes: the provider's base URL and its key."""
+    """Where one request goes (base URL, key, extra headers) and how the model's content is read."""
 
     base_url: str
     api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
+    # How the content is read for a leading thinking block (see think_tags.THINK_MODES).
+    think: str = "auto"
+    # The provider's name, for logs.
+    name: str = ""
 
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+    def request_headers(self) -> dict[str, str]:
+        """The provider's own headers, then the relay's, which win."""
+        headers = {**self.headers, "Accept": "text/event-stream", "Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
 
 async def stream_chat(
@@ -70,9 +82,7 @@ async def stream_chat(
     does not count. (aiohttp's ``sock_read`` would also cap the wait for the
     response headers, overriding the first-byte timeout.)
     """
-    headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
-    if upstream.api_key:
-        headers["Authorization"] = f"Bearer {upstream.api_key}"
+    headers = upstream.request_headers()
     deadline = asyncio.timeout_at(None)
     silence = _Silence(deadline, first_byte_timeout)
     received = False
@@ -86,7 +96,7 @@ async def stream_chat(
                     f"instead of an event stream: {await _error_message(response)}"
                 )
             decoder = SSEDecoder(max_line)
-            translator = ChunkTranslator()
+            translator = ChunkTranslator(upstream.think)
             async for chunk in response.content.iter_any():
                 if received:
                     silence.heard()
