@@ -132,6 +132,13 @@ class Config:
         env=["THINKSTREAM_FIRST_BYTE_TIMEOUT"],
         flag="--first-byte-timeout",
     )
+    upstream_retries: int = _setting(
+        2,
+        "Times a request is tried again when the provider refuses the connection or answers 429 or 5xx "
+        "before sending anything (with backoff, honouring Retry-After, within the first-byte timeout).",
+        env=["THINKSTREAM_UPSTREAM_RETRIES"],
+        flag="--upstream-retries",
+    )
     idle_timeout: float = _setting(
         300.0,
         "Seconds the provider may stay silent (no byte, not even a keep-alive comment) before the "
@@ -426,6 +433,8 @@ def _validate(config: Config) -> None:
 def _validate_providers(config: Config) -> None:
     if config.think not in THINK_MODES:
         raise ConfigError(f"think must be {', '.join(THINK_MODES[:-1])} or {THINK_MODES[-1]}, not {config.think!r}")
+    if not 0 <= config.upstream_retries <= 10:
+        raise ConfigError(f"upstream_retries must be between 0 and 10, not {config.upstream_retries}")
     if not config.providers:
         return
     check_providers(config.providers)
