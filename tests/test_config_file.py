@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, clean_env
+from helpers import ROOT, clean_env, start_server, stop_server
 
 from handlers.config import Config, ConfigError, load_config
 from handlers.provider.providers import Model, Provider
@@ -248,3 +248,18 @@ async def test_server_py_with_a_bad_file_exits_with_status_2_and_says_where_and_
     assert process.returncode == 2
     assert f"cannot start: config file {path}, providers[0] (local): unknown provider key 'think'".encode() in err
     assert b"Traceback" not in err
+
+
+async def test_server_py_names_its_file_and_providers_at_start_up_without_any_secret(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text(
+        '[[providers]]\nname = "local"\nbase_url = "http://user:pw-333@127.0.0.1:9/v1?key=q-444"\n'
+        'api_key_env = "LOCAL_KEY"\nmodels = ["m", "n"]\n'
+    )
+    process, _, log = await start_server("--config", str(path), env=clean_env(LOCAL_KEY="sk-local-555"))
+    _, rest = await stop_server(process)
+
+    assert f"settings from config file {path}".encode() in log
+    assert b"relaying to local at http://127.0.0.1:9/v1: m, n" in log
+    for secret in (b"pw-333", b"q-444", b"sk-local-555"):
+        assert secret not in log + rest
