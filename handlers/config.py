@@ -21,7 +21,7 @@ from yarl import URL
 
 from .config_file import read_config_file
 from .errors import ConfigError
-from .provider.providers import Provider, check_providers
+from .provider.providers import Provider, check_base_url, check_providers
 from .provider.think_tags import THINK_MODES
 
 __all__ = ["DEEPSEEK_BASE_URL", "OPENAI_BASE_URL", "Config", "ConfigError", "load_config", "settings"]
@@ -359,12 +359,7 @@ def _validate(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port must be between 0 and 65535, not {config.port}")
     if config.base_url is not None:
-        url = URL(config.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(
-                f"base URL {config.base_url!r} must be an absolute http:// or https:// URL, "
-                "for example https://api.deepseek.com or http://localhost:11434/v1"
-            )
+        check_base_url(config.base_url)
         if not config.model:
             raise ConfigError(
                 "no model is set for the provider: set LLM_MODEL or pass --model "

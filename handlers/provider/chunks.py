@@ -144,6 +144,7 @@ class ChunkTranslator:
                     out.append(_tool_call(call))
 
     def _content(self, text: str, out: list[Event]) -> None:
+        """Content text, through the thinking-block splitter (``_delta`` inlines this: it runs per token)."""
         thought, answer = self._think.feed(text)
         if thought:
             out.append({"type": "reasoning", "text": thought})

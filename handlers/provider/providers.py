@@ -27,7 +27,15 @@ from .upstream import Upstream
 if TYPE_CHECKING:
     from ..config import Config
 
-__all__ = ["Model", "Provider", "ProviderTable", "check_providers", "configured_providers", "public_url"]
+__all__ = [
+    "Model",
+    "Provider",
+    "ProviderTable",
+    "check_base_url",
+    "check_providers",
+    "configured_providers",
+    "public_url",
+]
 
 # RFC 9110 §5.6.2: a header name is a token.
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -92,6 +100,7 @@ class Provider:
 
 
 def check_base_url(base_url: Any) -> None:
+    """An absolute http(s) URL, as ``--base-url`` and a provider's ``base_url`` must be."""
     url = URL(base_url) if isinstance(base_url, str) else None
     if url is None or url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(
@@ -156,10 +165,6 @@ class ProviderTable:
         if self._routes:
             order = dict.fromkeys((self.default_model, *self._routes))
             self.models = tuple((model_id, self._routes[model_id].name) for model_id in order)
-
-    @property
-    def uses_demo(self) -> bool:
-        return not self.providers
 
     def upstream(self, model: str) -> Upstream | None:
         """The upstream for an allowed model; None when the embedded demo answers every request."""
