@@ -19,8 +19,9 @@ from aiohttp.typedefs import Handler
 
 from .config import Config
 from .errors import RelayError, error_response, http_error_response
-from .keys import access_key, client_session_key, config_key, redis_key, streams_key
+from .keys import access_key, client_session_key, config_key, providers_key, redis_key, streams_key
 from .provider import demo
+from .provider.providers import ProviderTable
 from .routes import ops, page
 from .routes.access import Access, client_key
 from .routes.stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
@@ -41,6 +42,7 @@ def create_app(config: Config) -> web.Application:
     """The relay, its demo model and its page, configured by ``config``."""
     app = web.Application(middlewares=[_json_errors, _access])
     app[config_key] = config
+    app[providers_key] = ProviderTable(config)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_streams)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 __all__ = [
     "ClientGone",
+    "ConfigError",
     "RelayError",
     "RequestError",
     "StoreUnavailable",
@@ -145,6 +146,10 @@ def too_many_streams(limit: int) -> RelayError:
 
 class ClientGone(Exception):
     """The downstream client closed its connection; there is no one to tell."""
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the relay cannot use (it stops start-up, never a stream)."""
 
 
 _STATUS_CODES: dict[int, tuple[str, bool]] = {

@@ -293,6 +293,8 @@ class Generation:
                 max_line=config.max_line_bytes,
                 first_byte_timeout=config.first_byte_timeout,
                 idle_timeout=config.idle_timeout,
+                retries=config.upstream_retries,
+                on_retry=metrics.count_retry,
             )
             counts = metrics.event_counts
             async with contextlib.aclosing(events):
