@@ -17,6 +17,7 @@ from aiohttp import web
 
 from handlers.app import create_app
 from handlers.config import Config, ConfigError, load_config
+from handlers.provider.providers import configured_providers
 from handlers.runtime import quiet_accept_errors, tune_process
 
 __all__ = ["Config", "app_factory", "create_app", "main"]
@@ -42,10 +43,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "provider budget. Set THINKSTREAM_TOKENS (or --token), or listen on 127.0.0.1.",
             config.host,
         )
+    if config.config_file:
+        logger.info("settings from config file %s", config.config_file)
     if config.uses_demo:
         logger.info("no provider configured: answering with the embedded demo model (set LLM_BASE_URL to change)")
     else:
-        logger.info("relaying to %s, model %s", config.base_url, config.default_model)
+        for provider in configured_providers(config):
+            models = ", ".join(model.id for model in provider.models)
+            logger.info("relaying to %s at %s: %s", provider.name, provider.public_url, models)
+        logger.info("default model %s", config.default_model)
     app = create_app(config)
     tune_process(config.max_streams)
     loop = asyncio.new_event_loop()

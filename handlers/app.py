@@ -19,8 +19,9 @@ from aiohttp.typedefs import Handler
 
 from .config import Config
 from .errors import ProtocolLog, RelayError, error_response, http_error_response
-from .keys import access_key, client_session_key, config_key, origins_key, redis_key, streams_key
+from .keys import access_key, client_session_key, config_key, origins_key, providers_key, redis_key, streams_key
 from .provider import demo
+from .provider.providers import ProviderTable
 from .routes import ops, page
 from .routes.access import Access, client_key
 from .routes.origins import Origins
@@ -43,6 +44,7 @@ def create_app(config: Config) -> web.Application:
     app = web.Application(middlewares=[_json_errors, _hosts, _access], handler_args={"logger": ProtocolLog()})
     app[config_key] = config
     app[origins_key] = Origins(config)
+    app[providers_key] = ProviderTable(config)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_redis)
     app.cleanup_ctx.append(_streams)

@@ -19,16 +19,17 @@ from typing import Any
 import limits
 from yarl import URL
 
+from .config_file import read_config_file
+from .errors import ConfigError
+from .provider.providers import Provider, check_base_url, check_providers
+from .provider.think_tags import THINK_MODES
+
 __all__ = ["DEEPSEEK_BASE_URL", "OPENAI_BASE_URL", "Config", "ConfigError", "load_config", "settings"]
 
 DEEPSEEK_BASE_URL = "https://api.deepseek.com"
 DEEPSEEK_DEFAULT_MODEL = "deepseek-reasoner"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
 DEMO_MODEL = "demo"
-
-
-class ConfigError(ValueError):
-    """A setting is missing or has a value the relay cannot use."""
 
 
 def _setting(
@@ -50,6 +51,13 @@ def _setting(
 class Config:
     """Everything ``create_app`` needs; validated as soon as it is made."""
 
+    config_file: str | None = _setting(
+        None,
+        "A TOML file with settings (by their names with underscores, e.g. port = 8080) and [[providers]] "
+        "tables; flags and environment variables win over it.",
+        env=["THINKSTREAM_CONFIG"],
+        flag="--config",
+    )
     host: str = _setting(
         "127.0.0.1",
         "Address to listen on. Anything but loopback exposes the relay (and your key's budget).",
@@ -93,6 +101,19 @@ class Config:
         env=["THINKSTREAM_MODELS"],
         flag="--models",
     )
+    providers: tuple[Provider, ...] = _setting(
+        (),
+        "Several providers, each with its base URL, key variable, models and headers: [[providers]] "
+        "tables in the config file (instead of base_url, the key and models).",
+    )
+    think: str = _setting(
+        "auto",
+        "How a model's content is read for a thinking block, unless the config file sets it per model: "
+        "auto (a leading <think> or similar tag opens one), open (the chat template opened <think> in the "
+        "prompt, so the output is reasoning until </think>) or none (content is only answer).",
+        env=["THINKSTREAM_THINK"],
+        flag="--think",
+    )
     include_usage: bool = _setting(
         True,
         "Ask the provider for token usage (stream_options.include_usage).",
@@ -110,6 +131,13 @@ class Config:
         "Seconds from sending a request to the provider's first byte (a keep-alive comment counts).",
         env=["THINKSTREAM_FIRST_BYTE_TIMEOUT"],
         flag="--first-byte-timeout",
+    )
+    upstream_retries: int = _setting(
+        2,
+        "Times a request is tried again when the provider refuses the connection or answers 429 or 5xx "
+        "before sending anything (with backoff, honouring Retry-After, within the first-byte timeout).",
+        env=["THINKSTREAM_UPSTREAM_RETRIES"],
+        flag="--upstream-retries",
     )
     idle_timeout: float = _setting(
         300.0,
@@ -312,17 +340,20 @@ class Config:
     )
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "providers", tuple(self.providers))
         _validate(self)
 
     @property
     def uses_demo(self) -> bool:
         """True when no provider is configured and the embedded demo answers."""
-        return self.base_url is None
+        return self.base_url is None and not self.providers
 
     @property
     def default_model(self) -> str:
         if self.model:
             return self.model
+        if self.providers:
+            return self.providers[0].models[0].id
         return DEMO_MODEL
 
     @property
@@ -337,8 +368,9 @@ class Config:
 
     @property
     def allowed_models(self) -> tuple[str, ...]:
-        """The default model first, then the extra ones, without repeats."""
-        return tuple(dict.fromkeys((self.default_model, *self.models)))
+        """The default model first, then the extra ones (or every provider's), without repeats."""
+        served = (model.id for provider in self.providers for model in provider.models)
+        return tuple(dict.fromkeys((self.default_model, *self.models, *served)))
 
 
 def settings() -> tuple[dataclasses.Field[Any], ...]:
@@ -350,12 +382,7 @@ def _validate(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port must be between 0 and 65535, not {config.port}")
     if config.base_url is not None:
-        url = URL(config.base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigError(
-                f"base URL {config.base_url!r} must be an absolute http:// or https:// URL, "
-                "for example https://api.deepseek.com or http://localhost:11434/v1"
-            )
+        check_base_url(config.base_url)
         if not config.model:
             raise ConfigError(
                 "no model is set for the provider: set LLM_MODEL or pass --model "
@@ -424,6 +451,31 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"redis prefix {config.redis_prefix!r} must be non-empty, without spaces or braces")
     if any(not m or m != m.strip() for m in config.models):
         raise ConfigError(f"models must be non-empty names without spaces around them: {config.models!r}")
+    _validate_providers(config)
+
+
+def _validate_providers(config: Config) -> None:
+    if config.think not in THINK_MODES:
+        raise ConfigError(f"think must be {', '.join(THINK_MODES[:-1])} or {THINK_MODES[-1]}, not {config.think!r}")
+    if not 0 <= config.upstream_retries <= 10:
+        raise ConfigError(f"upstream_retries must be between 0 and 10, not {config.upstream_retries}")
+    if not config.providers:
+        return
+    check_providers(config.providers)
+    used = {"base_url": config.base_url is not None, "api_key": config.api_key, "models": config.models}
+    shorthand = [name for name, value in used.items() if value]
+    if shorthand:
+        raise ConfigError(
+            f"{' and '.join(shorthand)} (the single-provider settings) cannot be combined with [[providers]]: "
+            "unset them (--base-url, LLM_BASE_URL, OPENAI_BASE_URL, --models, THINKSTREAM_MODELS), or give each "
+            "provider its base_url, api_key_env and models in the config file"
+        )
+    served = [model.id for provider in config.providers for model in provider.models]
+    if config.model and config.model not in served:
+        raise ConfigError(
+            f"the default model {config.model!r} is not listed by any provider: "
+            f"add it to one, or choose one of {', '.join(served)}"
+        )
 
 
 def _parse_bool(text: str) -> bool:
@@ -466,13 +518,13 @@ def argument_parser() -> argparse.ArgumentParser:
         description=(
             "thinkstream: relay a streaming LLM chat completion to browsers over "
             "Server-Sent Events, and serve the chat page. Command-line flags override "
-            "environment variables."
+            "environment variables, which override the --config file."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in settings():
         env = ", ".join(f.metadata["env"])
-        help_text = f"{f.metadata['help']} Environment: {env}."
+        help_text = f"{f.metadata['help']} Environment: {env}." if env else f.metadata["help"]
         flag = f.metadata["flag"]
         if flag is None:
             # Settings without a flag (the API key) still appear in --help.
@@ -483,7 +535,7 @@ def argument_parser() -> argparse.ArgumentParser:
 
 
 def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
-    """Build the configuration from the command line over the environment."""
+    """Build the configuration from the command line, over the environment, over the config file."""
     args = vars(argument_parser().parse_args(argv))
     values: dict[str, Any] = {}
     for f in settings():
@@ -494,8 +546,35 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
             if environ.get(name, "").strip():
                 values[f.name] = _convert(f, environ[name].strip(), name)
                 break
-    _apply_provider_conventions(values, environ)
-    return Config(**values)
+    path = values.get("config_file")
+    from_file = read_config_file(path, settings(), environ) if path else {}
+    for name, value in from_file.items():
+        values.setdefault(name, value)
+    if values.get("providers"):
+        # Each provider's key comes from its own variable (api_key_env); the shorthand's key plays no part.
+        values.pop("api_key", None)
+    else:
+        _apply_provider_conventions(values, environ)
+    try:
+        return Config(**values)
+    except ConfigError as exc:
+        raise _blame_file(exc, path, from_file) from None
+
+
+def _blame_file(error: ConfigError, path: str | None, from_file: Mapping[str, Any]) -> ConfigError:
+    """Name the file (and the key) when the problem is the file's own; else the error as it is."""
+    probes = [
+        (f", {name}", {name: value, "model": "m"} if name == "base_url" else {name: value})
+        for name, value in from_file.items()
+        if name != "providers"
+    ]
+    for where, probe in [*probes, ("", dict(from_file))]:
+        try:
+            Config(**probe)
+        except ConfigError as own:
+            if str(own) == str(error):
+                return ConfigError(f"config file {path}{where}: {error}")
+    return error
 
 
 def _apply_provider_conventions(values: dict[str, Any], environ: Mapping[str, str]) -> None:

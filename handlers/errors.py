@@ -20,6 +20,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = [
     "ClientGone",
+    "ConfigError",
     "ProtocolLog",
     "RelayError",
     "RequestError",
@@ -165,6 +166,10 @@ def let_go_of_cancellation(task: asyncio.Future[Any]) -> None:
     if task.cancelled():
         with contextlib.suppress(asyncio.CancelledError):
             task.result()
+
+
+class ConfigError(ValueError):
+    """A setting is missing or has a value the relay cannot use (it stops start-up, never a stream)."""
 
 
 _STATUS_CODES: dict[int, tuple[str, bool]] = {

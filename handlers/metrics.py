@@ -59,9 +59,18 @@ class Metrics:
             registry=registry,
         )
         self.resumes = Counter("thinkstream_resumes", "Connections that resumed a stream.", registry=registry)
+        self.upstream_retries = Counter(
+            "thinkstream_upstream_retries",
+            "Provider requests tried again before any answer came, by reason (HTTP status, or 'unreachable').",
+            ["reason"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "thinkstream_rejections", "Requests refused before streaming, by reason.", ["reason"], registry=registry
         )
+
+    def count_retry(self, reason: str) -> None:
+        self.upstream_retries.labels(reason).inc()
 
     def count_event(self, kind: str) -> None:
         counts = self.event_counts

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,11 @@ def transcript(name: str) -> bytes:
     return (DATA / name).read_bytes()
 
 
+def transcript_think(name: str) -> str:
+    """The ``think`` setting a transcript's model needs: ``open_think_*`` had ``<think>`` opened in the prompt."""
+    return "open" if name.startswith("open_think") else "auto"
+
+
 @dataclass
 class Reply:
     """What the fake provider answers to one request."""
@@ -49,11 +54,11 @@ class Reply:
     # Sizes of the network writes; the rest of the body goes in the last one.
     chunks: Sequence[int] = ()
     delay: float = 0.0
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def error(cls, status: int, payload: Any) -> Reply:
-        return cls(body=orjson.dumps(payload), status=status, content_type="application/json")
+    def error(cls, status: int, payload: Any, headers: dict[str, str] | None = None) -> Reply:
+        return cls(body=orjson.dumps(payload), status=status, content_type="application/json", headers=headers or {})
 
 
 @dataclass
@@ -61,6 +66,8 @@ class FakeProvider:
     """An OpenAI-compatible provider that replays scripted replies."""
 
     reply: Reply = field(default_factory=Reply)
+    # Replies for the next requests, in order, before ``reply`` again.
+    script: list[Reply] = field(default_factory=list)
     requests: list[dict[str, Any]] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     base_url: str = ""
@@ -68,10 +75,9 @@ class FakeProvider:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         self.requests.append(await request.json())
         self.headers.append(dict(request.headers))
-        reply = self.reply
-        response = web.StreamResponse(
-            status=reply.status, headers={"Content-Type": reply.content_type, **reply.headers}
-        )
+        reply = self.script.pop(0) if self.script else self.reply
+        headers = {**reply.headers, "Content-Type": reply.content_type}
+        response = web.StreamResponse(status=reply.status, headers=headers)
         await response.prepare(request)
         for piece in _split(reply.body, reply.chunks):
             await response.write(piece)

@@ -868,9 +868,9 @@ async def test_models_lists_the_default_first_then_the_extra_ones(relay_to: Rela
     assert listed == {
         "object": "list",
         "data": [
-            {"id": "test-model", "default": True},
-            {"id": "extra-1", "default": False},
-            {"id": "extra-2", "default": False},
+            {"id": "test-model", "default": True, "provider": "127.0.0.1"},
+            {"id": "extra-1", "default": False, "provider": "127.0.0.1"},
+            {"id": "extra-2", "default": False, "provider": "127.0.0.1"},
         ],
     }
 
@@ -879,7 +879,10 @@ async def test_the_demo_relay_offers_only_the_demo_model(relay: RelayFactory) ->
     client = await relay()
 
     async with client.get("/models") as response:
-        assert await response.json() == {"object": "list", "data": [{"id": "demo", "default": True}]}
+        assert await response.json() == {
+            "object": "list",
+            "data": [{"id": "demo", "default": True, "provider": "demo"}],
+        }
 
 
 CHOOSE_A_MODEL = [

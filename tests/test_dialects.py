@@ -19,9 +19,11 @@ from helpers import (
     collect,
     kinds,
     merged,
+    parse_sse,
     sse,
     text_of,
     transcript,
+    transcript_think,
     types,
     without_timings,
 )
@@ -103,7 +105,7 @@ async def test_network_chunking_does_not_change_the_events(
     relay_to: RelayFactory, provider: FakeProvider, name: str, size: int
 ) -> None:
     body = transcript(name)
-    client = await relay_to()
+    client = await relay_to(think=transcript_think(name))
     provider.reply = Reply(body)
     whole = await collect(client, params={"prompt": "x"})
     provider.reply = Reply(body, chunks=[size] * len(body), delay=0.0005 if size == 1 else 0.0)
@@ -143,3 +145,151 @@ async def test_text_deltas_that_arrive_in_one_read_are_merged_per_kind_and_no_fu
         {"type": "content", "text": "."},
         {"type": "done", "finish_reason": "stop", "usage": None},
     ]
+
+
+# Shapes beyond the two reasoning fields: (transcript, reasoning, answer), from the providers' documented formats.
+SEPARATED = [
+    pytest.param(
+        "magistral_content_parts.sse",
+        "Okay, the user says hello. Greet back.",
+        "Hello! How can I help?",
+        id="Magistral: content as a list of thinking and text parts",
+    ),
+    pytest.param(
+        "gateway_reasoning_object.sse",
+        "I need to add 2 and 2.",
+        "2 + 2 = 4",
+        id="a gateway: reasoning_content as an object",
+    ),
+    pytest.param(
+        "openrouter_reasoning_details.sse",
+        "**Fetching weather**",
+        "It is sunny in Paris.",
+        id="OpenRouter: reasoning repeated in reasoning_details",
+    ),
+    pytest.param(
+        "moonshot_usage_in_choice.sse",
+        "The user greets in Chinese.",
+        "你好, friend.",
+        id="Moonshot: usage inside the choice",
+    ),
+    pytest.param(
+        "thinking_tag_in_content.sse", "The user wants a haiku.", "Autumn moon rises", id="<thinking> in content"
+    ),
+    pytest.param("reasoning_tag_in_content.sse", "Two plus two is four.", "4", id="<reasoning> in content"),
+    pytest.param("reason_tag_in_content.sse", "Check the units.", "It is 5 km.", id="<reason> in content"),
+    pytest.param("thought_tag_in_content.sse", "Short question.", "Yes.", id="<thought> in content"),
+    pytest.param(
+        "sky_t1_thought_in_content.sse",
+        "\n\nAdd them.\n\n",
+        "The sum is 4.",
+        id="<|begin_of_thought|> in content",
+    ),
+    pytest.param(
+        "kimi_think_in_content.sse",
+        "The picture shows a cat.",
+        "A cat on a mat.",
+        id="Kimi's ◁think▷ in content",
+    ),
+    pytest.param(
+        "seed_oss_think_in_content.sse",
+        "Greeting.<seed:cot_budget_reflect>12 tokens used</seed:cot_budget_reflect>",
+        "Hello!",
+        id="Seed-OSS <seed:think> in content",
+    ),
+    pytest.param("magistral_gguf_think_in_content.sse", "Simple sum.", "2 + 2 = 4.", id="[THINK] in content"),
+    pytest.param(
+        "gpt_oss_harmony_in_content.sse",
+        "User says hi. Reply politely.",
+        "Hello! How can I help?",
+        id="gpt-oss harmony markup in content",
+    ),
+    pytest.param(
+        "open_think_qwq.sse",
+        "Okay, the user asks for 2+2.\n",
+        "2 + 2 = **4**.",
+        id="QwQ: the template opened <think>",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "reasoning", "answer"), SEPARATED)
+async def test_each_dialect_streams_its_reasoning_then_its_answer_and_no_markup(
+    relay_to: RelayFactory, provider: FakeProvider, name: str, reasoning: str, answer: str
+) -> None:
+    provider.reply = Reply(transcript(name))
+    events = await collect(await relay_to(think=transcript_think(name)), params={"prompt": "hi"})
+
+    assert kinds(events) == ["meta", "reasoning", "content", "done"]
+    assert text_of(events, "reasoning") == reasoning
+    assert text_of(events, "content") == answer
+    assert events[-1].data["finish_reason"] == "stop"
+
+
+async def test_a_prompt_opened_think_block_cut_off_before_its_closing_tag_is_all_reasoning_and_done_says_length(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    provider.reply = Reply(transcript("open_think_cut_off.sse"))
+    events = await collect(await relay_to(think="open"), params={"prompt": "primes"})
+
+    assert kinds(events) == ["meta", "reasoning", "done"]
+    assert text_of(events, "reasoning") == "Okay, let me count the primes below 100: 2, 3, 5"
+    assert events[-1].data["finish_reason"] == "length"
+
+
+async def test_without_the_open_setting_a_model_whose_output_only_closes_the_block_keeps_it_all_as_answer(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    # The setting is per model, never a guess: a model with thinking off must not lose its answer to reasoning.
+    provider.reply = Reply(transcript("open_think_qwq.sse"))
+    events = await collect(await relay_to(), params={"prompt": "2+2"})
+
+    assert kinds(events) == ["meta", "content", "done"]
+    assert text_of(events, "content") == "Okay, the user asks for 2+2.\n</think>\n\n2 + 2 = **4**."
+
+
+async def test_openrouters_encrypted_reasoning_never_reaches_the_client(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    provider.reply = Reply(transcript("openrouter_reasoning_details.sse"))
+    client = await relay_to()
+    async with client.get("/stream", params={"prompt": "weather?"}) as response:
+        body = await response.read()
+
+    assert b"gAAAAB" not in body
+    assert b"encrypted" not in body
+    assert text_of(parse_sse(body), "reasoning") == "**Fetching weather**"
+
+
+@pytest.mark.parametrize(
+    ("name", "usage"),
+    [
+        pytest.param(
+            "deepseek_reasoner.sse",
+            {"prompt_tokens": 10, "completion_tokens": 20, "total_tokens": 30, "reasoning_tokens": 12},
+            id="DeepSeek: beside the finishing choice",
+        ),
+        pytest.param(
+            "openrouter_reasoning_details.sse",
+            {"prompt_tokens": 12, "completion_tokens": 80, "total_tokens": 92, "reasoning_tokens": 64},
+            id="OpenRouter: a last chunk without choices",
+        ),
+        pytest.param(
+            "moonshot_usage_in_choice.sse",
+            {"prompt_tokens": 19, "completion_tokens": 13, "total_tokens": 32, "reasoning_tokens": 7},
+            id="Moonshot: inside the finishing choice",
+        ),
+        pytest.param(
+            "magistral_content_parts.sse",
+            {"prompt_tokens": 9, "completion_tokens": 31, "total_tokens": 40},
+            id="Mistral: no reasoning count given",
+        ),
+    ],
+)
+async def test_usage_keeps_the_reasoning_tokens_wherever_the_provider_sends_them(
+    relay_to: RelayFactory, provider: FakeProvider, name: str, usage: dict[str, int]
+) -> None:
+    provider.reply = Reply(transcript(name))
+    events = await collect(await relay_to(), params={"prompt": "hi"})
+
+    assert events[-1].data["usage"] == usage

@@ -289,6 +289,30 @@ async def test_the_disconnect_grace_waits_for_readers_on_every_process(
     await eventually(lambda: provider.calls[0].hung_up is not None, "the abandoned generation is cancelled", 5)
 
 
+async def test_a_process_shutting_down_hands_its_readers_of_other_streams_back_at_once(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession
+) -> None:
+    # Their generations run elsewhere and go on: the clients resume them on a process that stays.
+    provider.count = 100
+    a, b = await relays(2, "--shutdown-timeout", "10")
+    async with started_stream(http, a, count=2) as (_, before):
+        stream = before[0].data["stream"]
+        async with http.get(b.url(f"/stream/{stream}"), headers={"Last-Event-ID": before[-1].id}) as follower:
+            seen = await read_events(follower, 2)
+            loop = asyncio.get_running_loop()
+            stopping = loop.time()
+            b.process.send_signal(signal.SIGTERM)
+            seen += await read_events(follower)
+            handed_back = loop.time() - stopping
+        async with http.get(a.url(f"/stream/{stream}"), headers={"Last-Event-ID": seen[-2].id}) as resumed:
+            rest = await read_events(resumed)
+
+    assert handed_back < 3
+    assert seen[-1].event == "error"
+    assert seen[-1].data["code"] == "server_shutdown" and seen[-1].data["retryable"] is True
+    assert_whole(before + seen[:-1] + rest, provider.answer())
+
+
 # A dead owner.
 
 

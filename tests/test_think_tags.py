@@ -1,8 +1,10 @@
-"""Specification of the splitter that takes a leading ``<think>…</think>`` block out of content.
+"""Specification of the splitter that takes a leading ``<think>…</think>`` block (or a cousin) out of content.
 
 ``feed(text)`` returns the ``(reasoning, content)`` a delta makes certain; ``close()``
-releases what was held back. Only a ``<think>`` at the very start of the content (after
-optional whitespace) opens a block, and tags may be split across deltas in any way.
+releases what was held back. Only an opening tag of the table at the very start of the
+content (after optional whitespace) opens a block, and tags may be split across deltas in
+any way. In the ``open`` mode (the chat template opened ``<think>`` in the prompt) the
+content is reasoning until ``</think>``; in the ``none`` mode it is only answer.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from handlers.provider.think_tags import ThinkSplitter
+from handlers.provider.think_tags import THINK_TAGS, ThinkSplitter, ThinkTags
 
 ANSWER = "<think>reasoning here</think>\n\nThe answer <b>x</b>"
 
 
-def split(deltas: Iterable[str]) -> tuple[str, str]:
+def split(deltas: Iterable[str], mode: str = "auto") -> tuple[str, str]:
     """All the reasoning and all the content a stream of deltas gives, close() included."""
-    splitter = ThinkSplitter()
+    splitter = ThinkSplitter(mode)
     reasoning, content = "", ""
     for delta in deltas:
         r, c = splitter.feed(delta)
@@ -46,7 +48,7 @@ def pieces(text: str, cuts: Iterable[int]) -> list[str]:
         "\n\nHello, world.\n\n",
         "Use <think> tags like this",
         "A tag later: <think>not reasoning</think>",
-        "<thinking>not the tag</thinking>",
+        "<thinker>not a tag of the table</thinker>",
         "<thin air",
         "< think>",
         "</think> first",
@@ -58,7 +60,7 @@ def pieces(text: str, cuts: Iterable[int]) -> list[str]:
         "surrounding blank lines",
         "a <think> later in the answer",
         "a whole think block later in the answer",
-        "<thinking>",
+        "a tag that only starts like one",
         "a prefix of the tag that turns out different",
         "a space inside the tag",
         "a closing tag first",
@@ -201,8 +203,10 @@ def test_the_deltas_of_a_recorded_stream_are_split_without_leaking_a_tag() -> No
 
 
 # Text rich in the characters of the tags, so that partial tags turn up often.
-_TAGGY = st.text(st.sampled_from([*"<>/thinkTH", " ", "\n", "é", "思"]), max_size=30)
+_TAG_CHARS = sorted({c for tags in THINK_TAGS for tag in (tags.open, *tags.close, tags.then) for c in tag})
+_TAGGY = st.text(st.sampled_from([*_TAG_CHARS, " ", "\n", "é", "思"]), max_size=30)
 _WHITESPACE = st.text(st.sampled_from(" \t\n"), max_size=4)
+_OPENERS = tuple(tags.open for tags in THINK_TAGS)
 
 
 @settings(max_examples=300)
@@ -226,6 +230,170 @@ def test_any_split_of_a_think_block_gives_its_reasoning_and_the_answer(
 @settings(max_examples=300)
 @given(data=st.data(), text=_TAGGY)
 def test_any_split_of_content_without_a_leading_think_tag_passes_it_through(data: st.DataObject, text: str) -> None:
-    assume(not text.lstrip().startswith("<think>"))
+    assume(not text.lstrip().startswith(_OPENERS))
     cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=8), label="cuts")
     assert split(pieces(text, cuts)) == ("", text)
+
+
+def _first_close_at(text: str, closes: Iterable[str]) -> int:
+    """Where the first of ``closes`` starts in ``text`` (its length when none is there)."""
+    return min([text.find(tag) for tag in closes if tag in text], default=len(text))
+
+
+# The table: every spelling behaves as <think> does
+
+
+def _id(tags: ThinkTags) -> str:
+    return tags.open
+
+
+@pytest.mark.parametrize("tags", THINK_TAGS, ids=_id)
+def test_every_tag_pair_of_the_table_separates_its_block_with_each_of_its_closing_tags(tags: ThinkTags) -> None:
+    for close in tags.close:
+        assert split([f"{tags.open}Let me see.{close}\n\nParis."]) == ("Let me see.", "Paris."), close
+
+
+@pytest.mark.parametrize("tags", THINK_TAGS, ids=_id)
+def test_every_split_into_three_deltas_of_each_tag_pair_gives_the_same_result(tags: ThinkTags) -> None:
+    stream = f" {tags.open}r{tags.close[0]}\nThe answer"
+    for cuts in combinations(range(len(stream) + 1), 2):
+        assert split(pieces(stream, cuts)) == ("r", "The answer"), pieces(stream, cuts)
+
+
+@settings(max_examples=300)
+@given(
+    data=st.data(),
+    tags=st.sampled_from(THINK_TAGS),
+    before=_WHITESPACE,
+    reasoning=_TAGGY,
+    between=_WHITESPACE,
+    answer=_TAGGY,
+)
+def test_any_split_of_a_block_between_any_tags_of_the_table_gives_its_reasoning_and_the_answer(
+    data: st.DataObject, tags: ThinkTags, before: str, reasoning: str, between: str, answer: str
+) -> None:
+    close = data.draw(st.sampled_from(tags.close), label="close")
+    assume(_first_close_at(reasoning + close, tags.close) == len(reasoning))
+    assume(answer == answer.lstrip())
+    assume(not (tags.then and answer.startswith(tags.then)))
+    stream = f"{before}{tags.open}{reasoning}{close}{between}{answer}"
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
+    assert split(pieces(stream, cuts)) == (reasoning, answer)
+
+
+def test_only_the_blocks_own_closing_tag_ends_it() -> None:
+    assert split(["<thinking>a</think>b</thinking>Answer"]) == ("a</think>b", "Answer")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["[1] See the footnote.", "[THIN ice", "◁thin▷", "<reasons>", "<|begin_of_text|>Hi", "<seed:thing>"],
+    ids=["a citation", "[THIN", "Kimi's tag misspelt", "<reasons>", "another special token", "<seed:thing>"],
+)
+def test_text_that_only_starts_like_a_tag_of_the_table_passes_through(text: str) -> None:
+    assert split([text]) == ("", text)
+
+
+def test_text_that_cannot_start_a_tag_is_not_held() -> None:
+    assert ThinkSplitter().feed("[1] See") == ("", "[1] See")
+
+
+# Formats that put glue between the closing tag and the answer
+
+
+def test_sky_t1_solution_tag_before_the_answer_is_dropped_but_its_closing_tag_stays() -> None:
+    stream = "<|begin_of_thought|>Add them.<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4<|end_of_solution|>"
+
+    assert split([stream]) == ("Add them.", "4<|end_of_solution|>")
+
+
+HARMONY = "<|channel|>analysis<|message|>User greets.<|end|><|start|>assistant<|channel|>final<|message|>Hello!"
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3], ids=["one delta", "two deltas", "three deltas"])
+def test_gpt_oss_harmony_with_its_special_tokens_is_split_into_analysis_and_final(parts: int) -> None:
+    for cuts in combinations(range(len(HARMONY) + 1), parts - 1):
+        assert split(pieces(HARMONY, cuts)) == ("User greets.", "Hello!"), cuts
+
+
+def test_gpt_oss_harmony_without_the_end_token_is_split_at_the_final_channel() -> None:
+    stream = "<|channel|>analysis<|message|>User greets.<|start|>assistant<|channel|>final<|message|>Hello!"
+
+    assert split([stream]) == ("User greets.<|start|>assistant", "Hello!")
+
+
+def test_gpt_oss_harmony_followed_by_another_channel_keeps_that_channel_as_content() -> None:
+    tool = "<|start|>assistant<|channel|>commentary to=functions.get_weather<|message|>{}"
+
+    assert split([f"<|channel|>analysis<|message|>Need weather.<|end|>{tool}"]) == ("Need weather.", tool)
+
+
+def test_gpt_oss_harmony_with_its_special_tokens_decoded_away_is_left_as_content() -> None:
+    # Not separable without guessing: "analysis" and "assistantfinal" are ordinary words then.
+    text = "analysisUser greets.assistantfinalHello!"
+
+    assert split([text]) == ("", text)
+
+
+# The prompt opened the block: only the closing tag comes
+
+
+def test_open_mode_reads_everything_before_the_closing_tag_as_reasoning() -> None:
+    deltas = ["Okay, the user", " greets.\n</th", "ink>\n\nHello!"]
+
+    assert split(deltas, "open") == ("Okay, the user greets.\n", "Hello!")
+
+
+def test_open_mode_keeps_the_reasoning_from_its_first_character() -> None:
+    assert split(["\n\nOkay.</think>Hi"], "open") == ("\n\nOkay.", "Hi")
+
+
+def test_open_mode_drops_an_opening_tag_the_model_wrote_anyway() -> None:
+    assert split(["<think>", "Okay.</think>Hi"], "open") == ("Okay.", "Hi")
+
+
+def test_open_mode_answer_cut_off_before_the_closing_tag_is_all_reasoning() -> None:
+    assert split(["Let me", " count: one, two,"], "open") == ("Let me count: one, two,", "")
+
+
+def test_open_mode_sends_reasoning_as_it_arrives() -> None:
+    splitter = ThinkSplitter("open")
+
+    assert splitter.feed("Okay") == ("Okay", "")
+    assert splitter.feed(", so") == (", so", "")
+
+
+def test_open_mode_releases_a_held_start_as_reasoning_at_the_end() -> None:
+    splitter = ThinkSplitter("open")
+
+    assert splitter.feed("<thi") == ("", "")
+    assert splitter.close() == ("<thi", "")
+
+
+@settings(max_examples=300)
+@given(data=st.data(), reasoning=_TAGGY, between=_WHITESPACE, answer=_TAGGY)
+def test_open_mode_any_split_gives_the_reasoning_before_the_closing_tag_and_the_answer(
+    data: st.DataObject, reasoning: str, between: str, answer: str
+) -> None:
+    stream = f"{reasoning}</think>{between}{answer}"
+    assume(_first_close_at(stream, ["</think>"]) == len(reasoning))
+    assume(not stream.lstrip().startswith(_OPENERS))
+    assume(answer == answer.lstrip())
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
+    assert split(pieces(stream, cuts), "open") == (reasoning, answer)
+
+
+# The content has no thinking block at all
+
+
+def test_none_mode_passes_a_leading_think_block_through_as_content() -> None:
+    assert split(["<think>x</think>y"], "none") == ("", "<think>x</think>y")
+
+
+def test_none_mode_never_holds_text_back() -> None:
+    assert ThinkSplitter("none").feed("<thi") == ("", "<thi")
+
+
+def test_an_unknown_mode_is_refused() -> None:
+    with pytest.raises(ValueError, match="'opened'"):
+        ThinkSplitter("opened")

@@ -2,10 +2,14 @@
 
 Pure: decoded server-sent events in, event-contract objects out. It knows the
 provider dialects: reasoning as ``delta.reasoning_content`` (DeepSeek,
-SiliconFlow), as ``delta.reasoning`` (vLLM, OpenRouter, Ollama) or inside a
-leading ``<think>`` block of the content; tool-call fragments; the final usage
-chunk whose ``choices`` is empty; ``[DONE]``; and errors sent as data or as
-``event: error``.
+SiliconFlow, SGLang, llama.cpp), as an object ``{"text": …}`` there (gateways
+in front of Bedrock), as ``delta.reasoning`` (vLLM, OpenRouter, Ollama; never
+OpenRouter's ``reasoning_details``, which repeat it or hold encrypted blobs),
+as ``thinking`` parts of a list-valued ``delta.content``
+(Mistral's Magistral), or inside a leading thinking block of the content (see
+``think_tags``); tool-call fragments; usage from the final chunk whose
+``choices`` is empty, or from inside the finishing choice (Moonshot);
+``[DONE]``; and errors sent as data or as ``event: error``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ class ChunkTranslator:
 
     __slots__ = ("_secret", "_think", "done", "error", "finish_reason", "usage")
 
-    def __init__(self, secret: str | None = None) -> None:
+    def __init__(self, think: str = "auto", secret: str | None = None) -> None:
         # The provider's key, kept out of the provider's words quoted in errors.
         self._secret = secret
         self.done = False
@@ -36,7 +40,8 @@ class ChunkTranslator:
         self.error: UpstreamError | None = None
         self.finish_reason: str | None = None
         self.usage: dict[str, int] | None = None
-        self._think = ThinkSplitter()
+        # How the content is read for a leading thinking block: a per-model setting.
+        self._think = ThinkSplitter(think)
 
     @property
     def complete(self) -> bool:
@@ -109,25 +114,61 @@ class ChunkTranslator:
                 if finish == "error":
                     raise _error_from_object(chunk, self._secret)
                 self.finish_reason = finish
+                # Moonshot sends the usage inside the finishing choice instead of beside it.
+                usage = choice.get("usage")
+                if isinstance(usage, dict):
+                    self.usage = normalize_usage(usage)
 
     def _delta(self, delta: dict[str, Any], out: list[Event]) -> None:
+        # When a chunk carries the reasoning in two fields, they hold the same text: the first is taken.
+        # OpenRouter's reasoning_details repeat its reasoning field, or hold encrypted blobs: never read.
+        # Per token, the rarer shapes cost only a comparison with None.
         reasoning = delta.get("reasoning_content")
         if not isinstance(reasoning, str) or not reasoning:
+            first = reasoning
             reasoning = delta.get("reasoning")
+            if first is not None and isinstance(first, dict):
+                reasoning = _object_text(first) or reasoning
         if isinstance(reasoning, str) and reasoning:
             out.append({"type": "reasoning", "text": reasoning})
         content = delta.get("content")
-        if isinstance(content, str) and content:
-            thought, answer = self._think.feed(content)
-            if thought:
-                out.append({"type": "reasoning", "text": thought})
-            if answer:
-                out.append({"type": "content", "text": answer})
+        if isinstance(content, str):
+            if content:
+                thought, answer = self._think.feed(content)
+                if thought:
+                    out.append({"type": "reasoning", "text": thought})
+                if answer:
+                    out.append({"type": "content", "text": answer})
+        elif content is not None and isinstance(content, list):
+            self._parts(content, out)
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
             for call in tool_calls:
                 if isinstance(call, dict):
                     out.append(_tool_call(call))
+
+    def _content(self, text: str, out: list[Event]) -> None:
+        """Content text, through the thinking-block splitter (``_delta`` inlines this: it runs per token)."""
+        thought, answer = self._think.feed(text)
+        if thought:
+            out.append({"type": "reasoning", "text": thought})
+        if answer:
+            out.append({"type": "content", "text": answer})
+
+    def _parts(self, parts: list[Any], out: list[Event]) -> None:
+        """Mistral's Magistral: content as a list of ``text`` and ``thinking`` parts."""
+        for part in parts:
+            if not isinstance(part, dict):
+                continue
+            kind = part.get("type")
+            if kind == "text":
+                text = part.get("text")
+                if isinstance(text, str) and text:
+                    self._content(text, out)
+            elif kind == "thinking":
+                thought = _joined_text(part.get("thinking"))
+                if thought:
+                    out.append({"type": "reasoning", "text": thought})
 
     def _flush(self) -> list[Event]:
         thought, answer = self._think.close()
@@ -163,6 +204,21 @@ def coalesce(events: list[Event]) -> list[Event]:
     if len(texts) > 1:
         out[-1]["text"] = "".join(texts)
     return out
+
+
+def _object_text(value: dict[str, Any]) -> str:
+    """Gateways in front of Bedrock send ``reasoning_content`` as ``{"text": …}`` (or only a signature)."""
+    text = value.get("text")
+    return text if isinstance(text, str) else ""
+
+
+def _joined_text(value: Any) -> str:
+    """A string, or the text of a list of ``{"type": "text", "text": …}`` parts."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        return ""
+    return "".join(part["text"] for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
 
 
 def _tool_call(call: dict[str, Any]) -> Event:

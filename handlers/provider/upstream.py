@@ -5,13 +5,23 @@ batches. Each batch holds the events one network read completed, so the
 writer can send them in one go, with neighbouring text deltas of one kind
 merged into one event. aiohttp's exceptions are translated here, and
 nowhere else, into the relay's own errors.
+
+A provider that refuses the connection, or answers 429 or 5xx, is tried again
+a few times (honouring ``Retry-After``) within the first-byte timeout. Nothing
+of the answer exists then: the provider either never got the request or
+turned it down, so a retry can neither repeat text nor be billed twice. Once a
+response is accepted, nothing is retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
-from collections.abc import AsyncGenerator
+import math
+import random
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,16 +48,33 @@ logger = logging.getLogger(__name__)
 _ERROR_BODY_LIMIT = 64 * 1024
 
 
+# Waits between attempts: about half a second, then twice as long each time (with jitter), at most this cap.
+_BACKOFF_BASE = 0.5
+_BACKOFF_CAP = 8.0
+
+
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where one request goes: the provider's base URL and its key."""
+    """Where one request goes (base URL, key, extra headers) and how the model's content is read."""
 
     base_url: str
     api_key: str | None = field(default=None, repr=False)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False, hash=False)
+    # How the content is read for a leading thinking block (see think_tags.THINK_MODES).
+    think: str = "auto"
+    # The provider's name, for logs.
+    name: str = ""
 
     @property
     def url(self) -> str:
         return self.base_url.rstrip("/") + "/chat/completions"
+
+    def request_headers(self) -> dict[str, str]:
+        """The provider's own headers, then the relay's, which win."""
+        headers = {**self.headers, "Accept": "text/event-stream", "Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
 
 
 async def stream_chat(
@@ -58,6 +85,8 @@ async def stream_chat(
     max_line: int,
     first_byte_timeout: float | None = None,
     idle_timeout: float | None = None,
+    retries: int = 0,
+    on_retry: Callable[[str], None] | None = None,
 ) -> AsyncGenerator[list[Event], None]:
     """POST ``payload`` and yield batches of events until the answer is whole.
 
@@ -70,24 +99,24 @@ async def stream_chat(
     next bytes (keep-alive comments count); time the caller spends on a batch
     does not count. (aiohttp's ``sock_read`` would also cap the wait for the
     response headers, overriding the first-byte timeout.)
+
+    Up to ``retries`` more attempts follow a refused connection, a 429 or a
+    5xx, all within the first-byte timeout; ``on_retry`` is told the reason of
+    each (``unreachable`` or the status).
     """
-    headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
-    if upstream.api_key:
-        headers["Authorization"] = f"Bearer {upstream.api_key}"
     deadline = asyncio.timeout_at(None)
     silence = _Silence(deadline, first_byte_timeout)
     received = False
+    body = orjson.dumps(payload)
     try:
-        async with deadline, session.post(upstream.url, data=orjson.dumps(payload), headers=headers) as response:
-            if response.status >= 400:
-                raise UpstreamStatusError(response.status, await _error_message(response, upstream.api_key))
+        async with deadline, await _open(session, upstream, body, silence, retries, on_retry) as response:
             if response.content_type != "text/event-stream":
                 raise UpstreamProtocolError(
                     f"the provider answered {response.content_type or 'without a content type'} "
                     f"instead of an event stream: {await _error_message(response, upstream.api_key)}"
                 )
             decoder = SSEDecoder(max_line)
-            translator = ChunkTranslator(upstream.api_key)
+            translator = ChunkTranslator(upstream.think, upstream.api_key)
             async for chunk in response.content.iter_any():
                 if received:
                     silence.heard()
@@ -161,6 +190,74 @@ async def stream_chat(
         silence.cancel()
 
 
+async def _open(
+    session: aiohttp.ClientSession,
+    upstream: Upstream,
+    body: bytes,
+    silence: _Silence,
+    retries: int,
+    on_retry: Callable[[str], None] | None,
+) -> aiohttp.ClientResponse:
+    """POST the request until the provider accepts it (a status below 400), or give up.
+
+    Only what cannot have started an answer is retried: a refused connection
+    (the request was never sent), 429 and 5xx (the provider turned it down). A
+    wait that would end past the first-byte deadline is not begun.
+    """
+    headers = upstream.request_headers()
+    for attempt in range(retries + 1):
+        retry_after: float | None = None
+        try:
+            response = await session.post(upstream.url, data=body, headers=headers)
+        except aiohttp.ClientConnectorError as exc:
+            if not isinstance(exc.os_error, ConnectionRefusedError) or isinstance(exc, aiohttp.ClientConnectorDNSError):
+                raise
+            failure: BaseException = exc
+            reason = "unreachable"
+        else:
+            if response.status < 400:
+                return response
+            async with response:
+                failure = UpstreamStatusError(response.status, await _error_message(response, upstream.api_key))
+                retry_after = _retry_after(response.headers.get("Retry-After"))
+            if response.status != 429 and response.status < 500:
+                raise failure
+            reason = str(response.status)
+        wait = retry_after if retry_after is not None else _backoff(attempt)
+        if attempt == retries or wait >= silence.remaining():
+            raise failure
+        logger.warning(
+            "provider %s: %s; trying again in %.1f s (retry %d of %d)",
+            upstream.name or upstream.url,
+            "connection refused" if reason == "unreachable" else f"HTTP {reason}",
+            wait,
+            attempt + 1,
+            retries,
+        )
+        if on_retry is not None:
+            on_retry(reason)
+        await asyncio.sleep(wait)
+    raise AssertionError("unreachable: the last attempt returns or raises")
+
+
+def _backoff(attempt: int) -> float:
+    return min(_BACKOFF_BASE * 2.0**attempt, _BACKOFF_CAP) * random.uniform(0.5, 1.0)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """RFC 9110 §10.2.3: seconds, or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, float(when.timestamp()) - time.time())
+
+
 class _Silence:
     """Expires ``deadline`` once the provider has sent nothing for ``limit`` seconds.
 
@@ -192,6 +289,12 @@ class _Silence:
         elif self._handle is None or self._handle.when() > now + limit:
             self.cancel()
             self._handle = self._loop.call_at(now + limit, self._check)
+
+    def remaining(self) -> float:
+        """Seconds of silence still allowed (infinite without a limit)."""
+        if self.limit is None:
+            return math.inf
+        return self.heard_at + self.limit - self._loop.time()
 
     def heard(self) -> None:
         """The provider spoke (or the caller is done with a batch): silence counts from now."""

@@ -10,8 +10,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..errors import RelayError
-from ..keys import client_session_key, config_key, streams_key
+from ..keys import client_session_key, config_key, providers_key, streams_key
 from ..metrics import render_processes
+from ..provider.providers import Provider
 
 __all__ = ["healthz", "metrics", "models", "readyz"]
 
@@ -39,28 +40,35 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "provider": "demo"})
     if not config.ready_check:
         return web.json_response({"status": "ok", "provider": "configured"})
-    assert config.base_url is not None
     session = request.config_dict[client_session_key]
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
-    url = config.base_url.rstrip("/") + "/models"
+    providers = request.config_dict[providers_key].providers
+    problems = [p for p in await asyncio.gather(*(_check(session, p, len(providers) > 1) for p in providers)) if p]
+    if problems:
+        return web.json_response({"status": "unavailable", "reason": "; ".join(problems)}, status=503)
+    return web.json_response({"status": "ok", "provider": "reachable"})
+
+
+async def _check(session: aiohttp.ClientSession, provider: Provider, named: bool) -> str | None:
+    """What is wrong with the provider's ``GET /models`` (None: nothing)."""
+    which = f"provider {provider.name}" if named else "the provider"
+    headers = dict(provider.headers)
+    if provider.api_key:
+        headers["Authorization"] = f"Bearer {provider.api_key}"
+    url = provider.base_url.rstrip("/") + "/models"
     try:
         async with asyncio.timeout(_READY_TIMEOUT), session.get(url, headers=headers) as response:
             status = response.status
     except (aiohttp.ClientError, TimeoutError) as exc:
-        logger.warning("readiness check: the provider is unreachable: %s", type(exc).__name__)
-        return web.json_response({"status": "unavailable", "reason": "the provider is unreachable"}, status=503)
+        logger.warning("readiness check: %s is unreachable: %s", which, type(exc).__name__)
+        return f"{which} is unreachable"
     if status >= 400:
-        return web.json_response(
-            {"status": "unavailable", "reason": f"the provider answered HTTP {status}"}, status=503
-        )
-    return web.json_response({"status": "ok", "provider": "reachable"})
+        return f"{which} answered HTTP {status}"
+    return None
 
 
 async def models(request: web.Request) -> web.Response:
-    """``GET /models``: the models a client may choose, the default first."""
-    config = request.config_dict[config_key]
-    data = [{"id": name, "default": name == config.default_model} for name in config.allowed_models]
-    return web.json_response({"object": "list", "data": data})
+    """``GET /models``: the models a client may choose, each with its provider's name, the default first."""
+    return web.json_response({"object": "list", "data": request.config_dict[providers_key].listing()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -18,9 +18,8 @@ import logging
 
 from aiohttp import web
 
-from ..config import Config
 from ..errors import ClientGone, RelayError, RequestError
-from ..keys import client_session_key, config_key, streams_key
+from ..keys import client_session_key, config_key, providers_key, streams_key
 from ..provider.upstream import Upstream
 from ..stores.log import LogGap, StreamLog
 from ..streams.generation import Streams, server_shutdown
@@ -49,7 +48,7 @@ async def start_stream(request: web.Request) -> web.StreamResponse:
     ndjson = _wants_ndjson(request)
     if not streams.accepting:
         raise server_shutdown()
-    upstream = _upstream(request, config)
+    upstream = _upstream(request, chat.model)
     # The access middleware names the client of every API request (token, or address via trusted proxies).
     generation = await streams.start(
         request.config_dict[client_session_key], upstream, chat, request[client_key], principal(request)
@@ -184,10 +183,12 @@ def _wants_ndjson(request: web.Request) -> bool:
     return fmt == "ndjson"
 
 
-def _upstream(request: web.Request, config: Config) -> Upstream:
-    if config.base_url is not None:
-        return Upstream(config.base_url, config.api_key)
-    return Upstream(_demo_base_url(request))
+def _upstream(request: web.Request, model: str) -> Upstream:
+    """The model's provider (chat_request has checked that one serves it), or else the demo."""
+    upstream = request.config_dict[providers_key].upstream(model)
+    if upstream is not None:
+        return upstream
+    return Upstream(_demo_base_url(request), name="demo")
 
 
 def _demo_base_url(request: web.Request) -> str:

@@ -71,7 +71,7 @@ class Reader:
     `Generation._append`. ``after`` is the last event its client was sent.
     """
 
-    __slots__ = ("_waiter", "after", "generation", "idle", "sink", "stream_id")
+    __slots__ = ("_stop_reason", "_waiter", "after", "generation", "idle", "sink", "stream_id")
 
     def __init__(self, stream_id: str, sink: EventSink, generation: Generation | None) -> None:
         self.stream_id = stream_id
@@ -82,11 +82,18 @@ class Reader:
         self.idle = False
         # Resolved by wake(); a bare future costs less per event than an asyncio.Event.
         self._waiter: asyncio.Future[None] | None = None
+        # Why it must stop before the log ends (this process is shutting down).
+        self._stop_reason: RelayError | None = None
 
     def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def stop(self, reason: RelayError) -> None:
+        """End this connection with ``reason`` once it has sent what it has (the stream goes on elsewhere)."""
+        self._stop_reason = reason
+        self.wake()
 
     async def follow(self, log: StreamLog, after: int) -> None:
         """Send the log's events after ``after`` to the sink, a batch at a time, until it finishes.
@@ -116,6 +123,8 @@ class Reader:
                     return
                 if self.sink.gone:
                     raise ClientGone()
+                if self._stop_reason is not None:
+                    raise self._stop_reason
                 self.idle = True
                 try:
                     await waiter
@@ -293,6 +302,8 @@ class Generation:
                 max_line=config.max_line_bytes,
                 first_byte_timeout=config.first_byte_timeout,
                 idle_timeout=config.idle_timeout,
+                retries=config.upstream_retries,
+                on_retry=metrics.count_retry,
             )
             counts = metrics.event_counts
             async with contextlib.aclosing(events):
@@ -502,6 +513,8 @@ class Streams:
         self._readers.add(reader)
         if generation is not None:
             generation.reader_joined()
+        elif not self.accepting:
+            reader.stop(server_shutdown())
         return reader
 
     def detach(self, reader: Reader) -> None:
@@ -524,7 +537,7 @@ class Streams:
         log = await self.store.get(stream_id)
         if log is not None:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(5), self.reading(stream_id):
                     await _until_finished(log)
         return True
 
@@ -557,12 +570,22 @@ class Streams:
     async def drain(self) -> None:
         """Graceful shutdown: refuse new streams, let running ones finish up to the deadline, then end them."""
         self.accepting = False
+        self._release_readers_elsewhere()
         tasks = [g.task for g in self._generations.values() if g.running and g.task is not None]
         if not tasks:
             return
         logger.info("waiting up to %g s for %d running stream(s)", self.config.shutdown_timeout, len(tasks))
         await asyncio.wait(tasks, timeout=self.config.shutdown_timeout)
         await self._stop_all(server_shutdown())
+
+    def _release_readers_elsewhere(self) -> None:
+        """Connections here that follow streams running in other processes end now, with a retryable error.
+
+        Their generations go on; the clients resume them on a process that is not shutting down.
+        """
+        for reader in self._readers:
+            if reader.generation is None:
+                reader.stop(server_shutdown())
 
     async def close(self) -> None:
         """Application cleanup: stop everything that is left and forget every stream."""

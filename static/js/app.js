@@ -260,11 +260,20 @@ async function loadModels() {
     models = [];
   }
   ui.model.replaceChildren();
+  // Models of several providers are grouped under each provider's name.
+  const groups = new Map();
+  const grouped = new Set(models.map((model) => model.provider)).size > 1;
   for (const model of models) {
     const option = document.createElement("option");
     option.value = model.default ? "" : model.id;
     option.textContent = model.default ? `${model.id} (default)` : model.id;
-    ui.model.append(option);
+    if (grouped && !groups.has(model.provider)) {
+      const group = document.createElement("optgroup");
+      group.label = model.provider;
+      groups.set(model.provider, group);
+      ui.model.append(group);
+    }
+    (grouped ? groups.get(model.provider) : ui.model).append(option);
   }
   if (!models.length) {
     const option = document.createElement("option");
