@@ -28,6 +28,30 @@ async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fake
 
 
 @pytest.fixture
+def serve(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Callable[..., Awaitable[TestServer]]:
+    """``await serve(app)`` or ``await serve(**settings)``: a relay (or any app) on a real port."""
+
+    async def make(app: web.Application | None = None, **settings: Any) -> TestServer:
+        if app is None:
+            settings.setdefault("demo_delay", 0.0)
+            app = create_app(Config(**settings))
+        return await aiohttp_server(app)
+
+    return make
+
+
+@pytest.fixture
+async def fake(serve: Callable[..., Awaitable[TestServer]]) -> FakeProvider:
+    """A provider on a real port that replays whatever ``fake.reply`` holds and records each request."""
+    provider = FakeProvider()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", provider.chat_completions)
+    server = await serve(app)
+    provider.base_url = str(server.make_url("/v1"))
+    return provider
+
+
+@pytest.fixture
 def relay(aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]]) -> RelayFactory:
     """``await relay(**settings)``: a client of a relay built with those settings."""
 

@@ -10,61 +10,20 @@ error, so every test also checks that the page keeps to its own CSP.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
+from browsing import LIVE_MARKDOWN, WAIT, Serve, answer, answered, ask, demo_answer, opened, ready, stored_chats
 from helpers import ROOT, FakeProvider, Reply, chunk, sse
 
 from handlers.app import create_app
 from handlers.config import Config
 from handlers.keys import streams_key
-from handlers.provider.demo import demo_tokens
-
-# Milliseconds: generous, because Chromium, the relay and the test share two cores.
-WAIT = 20_000
-
-Serve = Callable[..., Awaitable[TestServer]]
-
-
-# --- Servers ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def serve(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Serve:
-    """``await serve(app)`` or ``await serve(**settings)``: a relay (or any app) on a real port."""
-
-    async def make(app: web.Application | None = None, **settings: Any) -> TestServer:
-        if app is None:
-            settings.setdefault("demo_delay", 0.0)
-            app = create_app(Config(**settings))
-        return await aiohttp_server(app)
-
-    return make
-
-
-@pytest.fixture
-async def fake(serve: Serve) -> FakeProvider:
-    """A provider that replays whatever ``fake.reply`` holds and records each request."""
-    provider = FakeProvider()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", provider.chat_completions)
-    server = await serve(app)
-    provider.base_url = str(server.make_url("/v1"))
-    return provider
-
-
-def answer(*pieces: str) -> Reply:
-    """A complete streamed answer, one content delta per piece."""
-    return Reply(body=sse(*(chunk(content=p) for p in pieces), chunk(finish="stop"), "[DONE]"))
 
 
 @dataclass
@@ -118,67 +77,6 @@ def record_requests(app: web.Application) -> list[Seen]:
 
     app.on_response_prepare.append(note)
     return seen
-
-
-# --- The page -------------------------------------------------------------------------
-
-
-@dataclass
-class Tab:
-    """A page and what went wrong on it."""
-
-    page: Any
-    problems: list[str]
-
-
-@contextlib.asynccontextmanager
-async def opened(browser: Any, url: str, **context: Any) -> AsyncIterator[Tab]:
-    """A fresh page on ``url``, once the page's script has loaded the model list."""
-    page = await browser.new_page(**context)
-    problems: list[str] = []
-    page.on("console", lambda message: message.type == "error" and problems.append(f"console: {message.text}"))
-    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
-    try:
-        await page.goto(url)
-        await ready(page)
-        yield Tab(page, problems)
-    finally:
-        await page.close()
-
-
-async def ready(page: Any) -> None:
-    await page.wait_for_selector("#model option", state="attached", timeout=WAIT)
-
-
-async def ask(page: Any, text: str) -> None:
-    await page.fill("#prompt", text)
-    await page.press("#prompt", "Enter")
-
-
-async def answered(page: Any, count: int = 1) -> None:
-    """Wait until ``count`` assistant answers are shown and none is still streaming."""
-    await page.wait_for_function(
-        """(count) => {
-            const answers = document.querySelectorAll("#messages article.assistant");
-            return answers.length === count
-                && [...answers].every((a) => a.getAttribute("aria-busy") === "false")
-                && document.getElementById("stop").hidden;
-        }""",
-        arg=count,
-        timeout=WAIT,
-    )
-
-
-async def stored_chats(page: Any) -> list[dict[str, Any]]:
-    """The conversations the page keeps in localStorage."""
-    raw = await page.evaluate("() => localStorage.getItem(Object.keys(localStorage).find((k) => k.endsWith(':chats')))")
-    chats: list[dict[str, Any]] = json.loads(raw)
-    return chats
-
-
-def demo_answer(prompt: str, length: int = 0) -> tuple[str, str]:
-    reasoning, tokens = demo_tokens(prompt, length)
-    return "".join(reasoning), "".join(tokens)
 
 
 # --- Answering ------------------------------------------------------------------------
@@ -740,16 +638,6 @@ async def test_on_a_phone_the_chat_list_opens_and_closes(serve: Serve, browser: 
         await page.mouse.click(PHONE["width"] - 20, PHONE["height"] // 2)
         assert await toggle.get_attribute("aria-expanded") == "false"
         assert tab.problems == []
-
-
-# A LiveMarkdown in a fresh box of the page, and a wait until it has rendered.
-LIVE_MARKDOWN = """async (argument) => {
-    const { LiveMarkdown } = await import("./static/js/markdown.js");
-    const box = document.createElement("div");
-    document.body.append(box);
-    const live = new LiveMarkdown(box);
-    const twoFrames = () => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r)));
-"""
 
 
 # Each step is the answer so far; none may show a table's pipes as a paragraph or lose text.
