@@ -24,6 +24,12 @@ def answer(*pieces: str) -> Reply:
     return Reply(body=sse(*(chunk(content=p) for p in pieces), chunk(finish="stop"), "[DONE]"))
 
 
+def paced(events: list[Any], delay: float) -> Reply:
+    """A provider stream that writes each event on its own, ``delay`` seconds apart."""
+    pieces = [sse(e) for e in events]
+    return Reply(body=b"".join(pieces), chunks=[len(p) for p in pieces], delay=delay)
+
+
 def demo_answer(prompt: str, length: int = 0) -> tuple[str, str]:
     reasoning, tokens = demo_tokens(prompt, length)
     return "".join(reasoning), "".join(tokens)

@@ -1,15 +1,18 @@
-// Live markdown: markdown-it renders, DOMPurify sanitises, highlight.js colours code
-// (once a code block is finished; the one still being written stays plain).
+// Live markdown: markdown-it renders, DOMPurify sanitises, KaTeX draws the math into the
+// sanitised placeholders, highlight.js colours code (once a code block is finished; the one
+// still being written stays plain).
 //
 // Rendering stays linear in the answer's length: text that ends in a blank line
 // outside a code fence is a finished block, rendered once and never again; each
 // animation frame renders at most a budget of finished blocks and re-renders only
 // the unfinished tail. Half a table is held back until its delimiter row arrives,
-// so it never flickers through a paragraph.
+// so it never flickers through a paragraph, and a formula still waiting for its closing
+// delimiter is shown as its source, never as a KaTeX error.
 
 import markdownit from "../vendor/markdown-it-15.0.3.min.js";
 import DOMPurify from "../vendor/purify-3.4.18.es.js";
 import hljs from "../vendor/highlight-11.12.0.min.js";
+import { math, renderMath, warmUpMath } from "./math.js";
 
 // No highlight option: code is highlighted after rendering, from a queue, within
 // each frame's budget (see LiveMarkdown), so that a grammar compiled on first use
@@ -17,7 +20,7 @@ import hljs from "../vendor/highlight-11.12.0.min.js";
 const md = markdownit({
   html: false, // model HTML is shown as text; DOMPurify still checks everything
   linkify: true,
-});
+}).use(math);
 
 DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
   // The page's CSP forbids inline styles; keep markdown-it's table alignment as a class.
@@ -34,9 +37,13 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-/** Markdown to a sanitised DocumentFragment, with copy buttons on code blocks. */
-export function renderMarkdown(source) {
-  const fragment = DOMPurify.sanitize(md.render(source), { RETURN_DOM_FRAGMENT: true });
+/**
+ * Markdown to a sanitised DocumentFragment, with its math drawn and copy buttons on code blocks.
+ * `streaming`: the text may stop mid-formula (see math.js).
+ */
+export function renderMarkdown(source, { streaming = false } = {}) {
+  const fragment = DOMPurify.sanitize(md.render(source, { streaming }), { RETURN_DOM_FRAGMENT: true });
+  renderMath(fragment);
   for (const code of fragment.querySelectorAll("pre > code")) {
     code.classList.add("hljs");
     const button = document.createElement("button");
@@ -63,10 +70,11 @@ const COMMON_LANGUAGES = ["python", "javascript", "typescript", "bash", "json", 
 /** Compile markdown-it, DOMPurify and common grammars while the page is idle, not mid-answer. */
 export function warmUp() {
   const idle = window.requestIdleCallback || ((callback) => setTimeout(callback, 50));
-  const sample = "# a\n\n*b* `c` [d](https://e.example) **e**\n\n| f | g |\n|---|---|\n| 1 | 2 |\n\n- h\n- i\n\n1. j\n";
+  const sample = "# a\n\n*b* `c` [d](https://e.example) **e** $f$\n\n| f | g |\n|---|---|\n| 1 | 2 |\n\n- h\n- i\n\n1. j\n";
   // Several runs, so that V8 optimises the hot paths before the first answer needs them.
   const steps = [
     ...Array.from({ length: 6 }, () => () => renderMarkdown(sample.repeat(4))),
+    warmUpMath,
     ...COMMON_LANGUAGES.map((language) => () => hljs.highlight("x = 1", { language, ignoreIllegals: true })),
   ];
   const next = () => {
@@ -166,7 +174,7 @@ export class LiveMarkdown {
       const tail = withoutHalfTable(this.text.slice(this.stable));
       if (tail !== this.shownTail) {
         this.shownTail = tail;
-        this.tail.replaceChildren(tail ? renderMarkdown(tail) : "");
+        this.tail.replaceChildren(tail ? renderMarkdown(tail, { streaming: true }) : "");
       }
     }
   }
