@@ -7,6 +7,7 @@ never as an error; a formula KaTeX cannot read shows its source, marked.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from browsing import Serve, answer, answered, ask, opened, paced
@@ -212,4 +213,42 @@ async def test_katex_runs_without_trust_and_with_a_size_limit(serve: Serve, fake
         rule = await body.locator(".katex .katex-rule").bounding_box()
         font_size = await body.locator(".katex").first.evaluate("(e) => parseFloat(getComputedStyle(e).fontSize)")
         assert rule is not None and rule["width"] <= 20 * font_size + 1
+        assert tab.problems == []
+
+
+THOUGHTS = [
+    "**Plan.** Two steps:\n\n",
+    "- square it: \\(x^2\\)\n",
+    "- call `area()`\n\n",
+    "$$A = \\pi r^2$$\n\n",
+    "Then answer.",
+]
+
+
+async def test_the_thinking_panel_renders_markdown_and_math_and_keeps_its_timer(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    events = [chunk(reasoning=t) for t in THOUGHTS] + [chunk(content="Done."), chunk(finish="stop"), "[DONE]"]
+    fake.reply = paced(events, delay=0.3)
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Think in markdown")
+        thinking = page.locator("#messages details.thinking")
+        reasoning = thinking.locator(".reasoning")
+        # While it thinks: open, timed, and already rendered as far as it has come.
+        await reasoning.locator("li code").wait_for(timeout=5000)
+        assert await thinking.get_attribute("open") == ""
+        assert re.fullmatch(r"Thinking… \d+\.\d s", await thinking.locator("summary").inner_text())
+        assert await reasoning.locator("strong").inner_text() == "Plan."
+        await answered(page)
+
+        assert await thinking.get_attribute("open") is None
+        assert re.fullmatch(r"Thought for \d+\.\d s", await thinking.locator("summary").inner_text())
+        assert await reasoning.locator("li").count() == 2
+        assert await page.evaluate(DRAWN, "#messages .reasoning") == [
+            {"tex": "x^2", "display": False},
+            {"tex": "A = \\pi r^2", "display": True},
+        ]
+        assert "**" not in await reasoning.inner_text()
         assert tab.problems == []

@@ -1,7 +1,7 @@
 // The chat page: conversations, settings, sending, stopping, regenerating.
 
 import { Api, ApiError } from "./api.js";
-import { warmUp } from "./markdown.js";
+import { frames, warmUp } from "./markdown.js";
 import { newChat, store } from "./store.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
 
@@ -165,7 +165,7 @@ function generate() {
   ui.messages.append(view.node);
   const record = { role: "assistant", content: "", reasoning: "" };
   let outcome = {};
-  view.markdown.onFrame = follow;
+  frames.onFrame = follow;
   const handle = api.stream(requestBody(), (event) => {
     if (event.type === "reasoning") view.reason(event.text);
     else if (event.type === "content") view.say(event.text);
@@ -197,7 +197,7 @@ function generate() {
       store.saveChats(chats);
       // The live view becomes the stored message as it is: no re-render.
       view.finish(outcome, () => {
-        view.markdown.onFrame = null;
+        frames.onFrame = null;
         requestAnimationFrame(follow);
         announce(outcome.error ? `Error: ${errorWords(outcome.error)}` : "Answer complete.");
       });

@@ -102,9 +102,38 @@ export async function copyText(text, button) {
   }
 }
 
-// Characters of finished markdown rendered per animation frame at most, so that
-// a fast stream (or a long answer reopened from history) never blocks the page.
+// Characters of finished markdown rendered per animation frame at most, all documents on the
+// page together, so that a fast stream (or a long conversation reopened from history) never
+// blocks the page.
 const FRAME_BUDGET = 1200;
+
+/** The page's animation frames: every LiveMarkdown with something to show renders in the same one. */
+class Frames {
+  constructor() {
+    this.waiting = new Set();
+    this.frame = 0;
+    this.onFrame = null; // called at the start of each frame, before it changes the DOM
+  }
+
+  request(live) {
+    this.waiting.add(live);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.run());
+  }
+
+  run() {
+    this.frame = 0;
+    // Before any change to the DOM, while layout is still clean from the last paint:
+    // reading it here costs nothing, reading it after the changes would force a layout.
+    if (this.onFrame) this.onFrame();
+    const lives = [...this.waiting];
+    this.waiting.clear();
+    // Shared by the documents in page order, so history fills in from the top.
+    const budget = { chars: FRAME_BUDGET, until: performance.now() + 8 };
+    for (const live of lives) live.render(budget);
+  }
+}
+
+export const frames = new Frames();
 
 /** A growing markdown document in `container`, updated at most once per frame. */
 export class LiveMarkdown {
@@ -119,8 +148,6 @@ export class LiveMarkdown {
     this.tail = document.createElement("div");
     this.tail.className = "md-tail";
     container.append(this.tail);
-    this.frame = 0;
-    this.onFrame = null; // called at the start of each frame, before it changes the DOM
     this.onDone = null;
     this.code = []; // finished code blocks waiting to be highlighted
     this.shownTail = ""; // the tail text the DOM shows now
@@ -131,7 +158,7 @@ export class LiveMarkdown {
     this.schedule();
   }
 
-  /** The answer is complete: render the rest, a frame's budget at a time, then call `onDone`. */
+  /** The text is complete: render the rest, a frame's budget at a time, then call `onDone`. */
   finish(onDone) {
     this.final = true;
     this.onDone = onDone;
@@ -139,23 +166,21 @@ export class LiveMarkdown {
   }
 
   schedule() {
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+    frames.request(this);
   }
 
-  render() {
-    this.frame = 0;
-    // Before any change to the DOM, while layout is still clean from the last paint:
-    // reading it here costs nothing, reading it after the changes would force a layout.
-    if (this.onFrame) this.onFrame();
-    const deadline = performance.now() + 8;
-    while (this.code.length && performance.now() < deadline) highlight(this.code.shift());
+  /** One frame's work, within what is left of the frame's `budget` ({chars, until}). */
+  render(budget) {
+    while (this.code.length && performance.now() < budget.until) highlight(this.code.shift());
     this.findBoundaries();
     if (this.final && this.boundaries.at(-1) !== this.text.length) this.boundaries.push(this.text.length);
-    // Commit finished blocks, up to the budget (always at least one block).
+    // Commit finished blocks up to the budget; the frame's first block always goes, so every frame makes progress.
+    const fresh = budget.chars === FRAME_BUDGET;
     let end = this.stable;
-    while (this.boundaries.length && (end === this.stable || this.boundaries[0] - this.stable <= FRAME_BUDGET)) {
+    while (this.boundaries.length && ((fresh && end === this.stable) || this.boundaries[0] - this.stable <= budget.chars)) {
       end = this.boundaries.shift();
     }
+    budget.chars -= end - this.stable;
     this.commit(end);
     if (this.code.length) this.schedule();
     if (this.boundaries.length) {

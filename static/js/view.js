@@ -1,5 +1,5 @@
-// The DOM of one conversation. User text and reasoning are text (textContent);
-// only the model's answer goes through markdown-it and DOMPurify.
+// The DOM of one conversation. User text is text (textContent); the model's reasoning and
+// answer go through markdown-it and DOMPurify (see markdown.js).
 
 import { LiveMarkdown, copyText } from "./markdown.js";
 
@@ -63,9 +63,8 @@ export class AssistantMessage {
     this.thinking = element("details", "thinking");
     this.thinking.hidden = true;
     this.summary = element("summary", null, "Thinking…");
-    this.reasoning = element("div", "reasoning");
-    this.reasoningText = document.createTextNode("");
-    this.reasoning.append(this.reasoningText);
+    this.reasoning = element("div", "reasoning markdown");
+    this.thoughts = new LiveMarkdown(this.reasoning);
     this.thinking.append(this.summary, this.reasoning);
     this.answer = element("div", "answer markdown");
     this.markdown = new LiveMarkdown(this.answer);
@@ -78,8 +77,6 @@ export class AssistantMessage {
     this.onRegenerate = onRegenerate;
     this.content = "";
     this.reasoningSoFar = "";
-    this.pendingReasoning = "";
-    this.frame = 0;
     this.thinkingStarted = 0;
     this.thinkingEnded = 0;
     this.timer = 0;
@@ -93,15 +90,7 @@ export class AssistantMessage {
       this.timer = setInterval(() => this.tick(), 100);
     }
     this.reasoningSoFar += text;
-    this.pendingReasoning += text;
-    if (!this.frame) {
-      this.frame = requestAnimationFrame(() => {
-        this.frame = 0;
-        if (this.markdown.onFrame) this.markdown.onFrame(); // before the change, as LiveMarkdown does
-        this.reasoningText.appendData(this.pendingReasoning);
-        this.pendingReasoning = "";
-      });
-    }
+    this.thoughts.append(text);
   }
 
   say(text) {
@@ -124,25 +113,29 @@ export class AssistantMessage {
     this.thinking.open = false;
   }
 
-  /** Flush what is pending; once the answer is fully rendered, show the outcome and call `onShown`. */
+  /** Once the reasoning and the answer are fully rendered, show the outcome and call `onShown`. */
   finish({ stats, error, stopped } = {}, onShown) {
-    if (this.frame) cancelAnimationFrame(this.frame);
-    this.frame = 0;
-    this.reasoningText.appendData(this.pendingReasoning);
-    this.pendingReasoning = "";
     if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
-    this.markdown.finish(() => {
-      this.node.setAttribute("aria-busy", "false");
-      if (stats) this.stats.textContent = describeStats(stats);
-      if (stopped) this.showStatus("Stopped.");
-      if (error) {
-        this.showStatus(errorWords(error), true);
-        if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
-      }
-      if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget), "copy"));
-      if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate, "regenerate"));
-      if (onShown) onShown();
-    });
+    let rendering = 2;
+    const rendered = () => {
+      rendering -= 1;
+      if (rendering === 0) this.showOutcome({ stats, error, stopped }, onShown);
+    };
+    this.thoughts.finish(rendered);
+    this.markdown.finish(rendered);
+  }
+
+  showOutcome({ stats, error, stopped }, onShown) {
+    this.node.setAttribute("aria-busy", "false");
+    if (stats) this.stats.textContent = describeStats(stats);
+    if (stopped) this.showStatus("Stopped.");
+    if (error) {
+      this.showStatus(errorWords(error), true);
+      if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
+    }
+    if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget), "copy"));
+    if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate, "regenerate"));
+    if (onShown) onShown();
   }
 
   showStatus(text, isError = false) {
@@ -157,7 +150,7 @@ export class AssistantMessage {
     const view = new AssistantMessage(handlers);
     if (message.reasoning) {
       view.thinking.hidden = false;
-      view.reasoningText.appendData(message.reasoning);
+      view.thoughts.append(message.reasoning);
       view.reasoningSoFar = message.reasoning;
       view.summary.textContent =
         message.thoughtSeconds != null ? `Thought for ${message.thoughtSeconds.toFixed(1)} s` : "Thinking";
