@@ -169,6 +169,7 @@ function generate() {
   const handle = api.stream(requestBody(), (event) => {
     if (event.type === "reasoning") view.reason(event.text);
     else if (event.type === "content") view.say(event.text);
+    else if (event.type === "tool_call") view.toolCall(event);
     else if (event.type === "done") outcome = { stats: event };
     else if (event.type === "error") outcome = { error: { code: event.code, message: event.message } };
   });
@@ -192,6 +193,7 @@ function generate() {
         thoughtSeconds: view.thoughtSeconds,
         ...outcome,
       });
+      if (view.calls.size) record.toolCalls = view.toolCalls;
       chat.messages.push(record);
       chat.updated = Date.now();
       store.saveChats(chats);

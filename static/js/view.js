@@ -2,6 +2,7 @@
 // answer go through markdown-it and DOMPurify (see markdown.js).
 
 import { LiveMarkdown, copyText } from "./markdown.js";
+import { ToolCallCard } from "./tools.js";
 
 const ERROR_WORDS = {
   upstream_auth: "The model provider rejected the server's API key.",
@@ -68,11 +69,13 @@ export class AssistantMessage {
     this.thinking.append(this.summary, this.reasoning);
     this.answer = element("div", "answer markdown");
     this.markdown = new LiveMarkdown(this.answer);
+    this.tools = element("div", "tools");
+    this.calls = new Map(); // tool-call cards by index
     this.status = element("p", "status");
     this.status.hidden = true;
     this.stats = element("p", "stats");
     this.actions = element("div", "actions");
-    this.node.append(this.thinking, this.answer, this.status, this.stats, this.actions);
+    this.node.append(this.thinking, this.answer, this.tools, this.status, this.stats, this.actions);
     this.onRetry = onRetry;
     this.onRegenerate = onRegenerate;
     this.content = "";
@@ -97,6 +100,23 @@ export class AssistantMessage {
     if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
     this.content += text;
     this.markdown.append(text);
+  }
+
+  /** A fragment of a tool call: its card is made on the first fragment of its index. */
+  toolCall(event) {
+    if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
+    let card = this.calls.get(event.index);
+    if (!card) {
+      card = new ToolCallCard();
+      this.calls.set(event.index, card);
+      this.tools.append(card.node);
+    }
+    card.add(event);
+  }
+
+  /** The tool calls, in the order the model made them, as they are kept in history. */
+  get toolCalls() {
+    return [...this.calls.values()].map((card) => card.toJSON());
   }
 
   tick() {
@@ -128,6 +148,11 @@ export class AssistantMessage {
   showOutcome({ stats, error, stopped }, onShown) {
     this.node.setAttribute("aria-busy", "false");
     if (stats) this.stats.textContent = describeStats(stats);
+    for (const card of this.calls.values()) card.end(error || stopped ? "interrupted" : "requested");
+    if (stats && stats.finish_reason === "tool_calls" && !this.content) {
+      const names = [...this.calls.values()].map((card) => card.name).join(", ");
+      this.showStatus(`The model asked to call ${names || "a tool"} instead of answering. This page does not run tools.`);
+    }
     if (stopped) this.showStatus("Stopped.");
     if (error) {
       this.showStatus(errorWords(error), true);
@@ -157,6 +182,7 @@ export class AssistantMessage {
     }
     view.content = message.content || "";
     view.markdown.append(view.content);
+    (message.toolCalls || []).forEach((call, index) => view.toolCall({ index, ...call }));
     view.finish({ stats: message.stats, error: message.error, stopped: message.stopped });
     return view;
   }
