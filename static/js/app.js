@@ -1,6 +1,6 @@
 // The chat page: conversations, settings, sending, stopping, regenerating.
 
-import { Api, ApiError } from "./api.js";
+import { Api, ApiError, arrivedInOneBurst } from "./api.js";
 import { frames, warmUp } from "./markdown.js";
 import { newChat, store } from "./store.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
@@ -187,6 +187,7 @@ function generate() {
       running = null;
       setRunning(false);
       if (stopped) outcome = { ...outcome, stopped: true };
+      if (outcome.stats && arrivedInOneBurst(handle.arrival, outcome.stats)) outcome = { ...outcome, buffered: true };
       Object.assign(record, {
         content: view.content,
         reasoning: view.reasoningSoFar,

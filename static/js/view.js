@@ -134,18 +134,18 @@ export class AssistantMessage {
   }
 
   /** Once the reasoning and the answer are fully rendered, show the outcome and call `onShown`. */
-  finish({ stats, error, stopped } = {}, onShown) {
+  finish(outcome = {}, onShown) {
     if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
     let rendering = 2;
     const rendered = () => {
       rendering -= 1;
-      if (rendering === 0) this.showOutcome({ stats, error, stopped }, onShown);
+      if (rendering === 0) this.showOutcome(outcome, onShown);
     };
     this.thoughts.finish(rendered);
     this.markdown.finish(rendered);
   }
 
-  showOutcome({ stats, error, stopped }, onShown) {
+  showOutcome({ stats, error, stopped, buffered }, onShown) {
     this.node.setAttribute("aria-busy", "false");
     if (stats) this.stats.textContent = describeStats(stats);
     for (const card of this.calls.values()) card.end(error || stopped ? "interrupted" : "requested");
@@ -154,6 +154,7 @@ export class AssistantMessage {
       this.showStatus(`The model asked to call ${names || "a tool"} instead of answering. This page does not run tools.`);
     }
     if (stopped) this.showStatus("Stopped.");
+    if (buffered) this.warnBuffering(stats.duration_ms);
     if (error) {
       this.showStatus(errorWords(error), true);
       if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
@@ -161,6 +162,19 @@ export class AssistantMessage {
     if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget), "copy"));
     if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate, "regenerate"));
     if (onShown) onShown();
+  }
+
+  /** The answer reached the page all at once although it took `durationMs` to generate: name the cause. */
+  warnBuffering(durationMs) {
+    const seconds = (durationMs / 1000).toFixed(1);
+    const warning = element(
+      "p",
+      "warning buffering",
+      `This answer took ${seconds} s to write but reached your browser all at once, at the end: a proxy ` +
+        "or CDN between you and the server is buffering the stream, so answers seem slow. Whoever runs the " +
+        "server can turn that off: see “A proxy that buffers” under Deploying in thinkstream's README.",
+    );
+    this.node.insertBefore(warning, this.actions);
   }
 
   showStatus(text, isError = false) {
@@ -183,7 +197,7 @@ export class AssistantMessage {
     view.content = message.content || "";
     view.markdown.append(view.content);
     (message.toolCalls || []).forEach((call, index) => view.toolCall({ index, ...call }));
-    view.finish({ stats: message.stats, error: message.error, stopped: message.stopped });
+    view.finish({ stats: message.stats, error: message.error, stopped: message.stopped, buffered: message.buffered });
     return view;
   }
 
