@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +58,9 @@ async def opened(browser: Any, url: str, **context: Any) -> AsyncIterator[Tab]:
 
 
 async def ready(page: Any) -> None:
+    """Wait until the page has its model list and shows its stored conversations."""
     await page.wait_for_selector("#model option", state="attached", timeout=WAIT)
+    await page.wait_for_selector("html[data-history]", state="attached", timeout=WAIT)
 
 
 async def ask(page: Any, text: str) -> None:
@@ -82,9 +83,26 @@ async def answered(page: Any, count: int = 1) -> None:
 
 
 async def stored_chats(page: Any) -> list[dict[str, Any]]:
-    """The conversations the page keeps in localStorage."""
-    raw = await page.evaluate("() => localStorage.getItem(Object.keys(localStorage).find((k) => k.endsWith(':chats')))")
-    chats: list[dict[str, Any]] = json.loads(raw)
+    """The conversations the page keeps in IndexedDB, whole, oldest first (call once the page is ready)."""
+    chats: list[dict[str, Any]] = await page.evaluate(
+        """async () => {
+            const db = await new Promise((resolve, reject) => {
+                const request = indexedDB.open(`thinkstream:${location.pathname}`);
+                request.onsuccess = () => resolve(request.result);
+                request.onerror = () => reject(request.error);
+            });
+            const all = (name) => new Promise((resolve, reject) => {
+                const request = db.transaction(name).objectStore(name).getAll();
+                request.onsuccess = () => resolve(request.result);
+                request.onerror = () => reject(request.error);
+            });
+            const [heads, bodies] = [await all("chats"), await all("messages")];
+            db.close();
+            const messages = new Map(bodies.map((body) => [body.id, body.messages]));
+            const chats = heads.map((head) => ({ ...head, messages: messages.get(head.id) }));
+            return chats.sort((a, b) => a.updated - b.updated);
+        }"""
+    )
     return chats
 
 

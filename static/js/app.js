@@ -2,7 +2,7 @@
 
 import { Api, ApiError, arrivedInOneBurst } from "./api.js";
 import { frames, warmUp } from "./markdown.js";
-import { newChat, store } from "./store.js";
+import { StorageProblem, newChat, openHistory, store } from "./store.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +14,8 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   chatList: $("chat-list"),
+  notice: $("notice"),
+  noticeText: $("notice-text"),
   title: $("chat-title"),
   announcer: $("announcer"),
   sidebar: $("sidebar"),
@@ -29,15 +31,36 @@ const ui = {
 };
 
 const api = new Api(() => store.token());
-let chats = store.chats();
+let conversations = null; // where they are kept (see store.js), once open
+let chats = []; // every conversation's {id, title, updated}
+let current = null; // the open conversation, whole
 let settings = store.settings();
 let models = [];
-let current = null;
 let running = null; // {handle, view, stopped}
 
 function save() {
   current.updated = Date.now();
-  store.saveChats(chats);
+  persist(current);
+}
+
+/** Store a conversation, and say so on the page if the browser will not. */
+function persist(chat) {
+  const entry = chats.find((c) => c.id === chat.id);
+  if (entry) Object.assign(entry, { title: chat.title, updated: chat.updated });
+  else chats.push({ id: chat.id, title: chat.title, updated: chat.updated });
+  return conversations.save(chat).then(
+    () => {
+      if (ui.notice.dataset.kind === "storage" && !conversations.problem) showNotice(null);
+    },
+    (error) => showNotice(error instanceof StorageProblem ? error.message : String(error), "storage"),
+  );
+}
+
+/** A message above the conversation (storage refused or full); null hides it. */
+function showNotice(text, kind = "") {
+  ui.notice.hidden = text === null;
+  ui.noticeText.textContent = text ?? "";
+  ui.notice.dataset.kind = kind;
 }
 
 function announce(text) {
@@ -56,21 +79,35 @@ function renderChatList() {
     open.type = "button";
     open.className = "chat-open";
     open.textContent = chat.title;
-    if (chat === current) open.setAttribute("aria-current", "true");
-    open.addEventListener("click", () => openChat(chat));
+    if (current && chat.id === current.id) open.setAttribute("aria-current", "true");
+    open.addEventListener("click", () => openChat(chat.id));
     const remove = document.createElement("button");
     remove.type = "button";
     remove.className = "chat-delete";
     remove.textContent = "Delete";
     remove.setAttribute("aria-label", `Delete “${chat.title}”`);
-    remove.addEventListener("click", () => deleteChat(chat));
+    remove.addEventListener("click", () => deleteChat(chat.id));
     item.append(open, remove);
     ui.chatList.append(item);
   }
 }
 
-function openChat(chat) {
+let opening = null; // the conversation being read from storage, if any
+
+async function openChat(id) {
   if (running) stop();
+  opening = id;
+  const chat = current && current.id === id ? current : await conversations.load(id);
+  if (opening !== id) return; // another one was chosen meanwhile
+  opening = null;
+  if (chat) showChat(chat);
+  else {
+    chats = chats.filter((c) => c.id !== id); // deleted in another tab
+    renderChatList();
+  }
+}
+
+function showChat(chat) {
   current = chat;
   renderChat();
   renderChatList();
@@ -79,21 +116,25 @@ function openChat(chat) {
 }
 
 function startNewChat() {
+  if (running) stop();
+  if (current && !current.messages.length) return showChat(current); // one empty conversation is enough
   const chat = newChat();
-  chats.push(chat);
-  openChat(chat);
+  chats.push({ id: chat.id, title: chat.title, updated: chat.updated });
+  showChat(chat);
 }
 
-function deleteChat(chat) {
-  if (running && chat === current) stop();
-  chats = chats.filter((c) => c !== chat);
-  store.saveChats(chats);
-  if (chat === current) {
-    if (chats.length) openChat(chats.reduce((a, b) => (a.updated > b.updated ? a : b)));
-    else startNewChat();
-  } else {
-    renderChatList();
-  }
+function newest() {
+  return chats.reduce((a, b) => (a && a.updated > b.updated ? a : b), null);
+}
+
+function deleteChat(id) {
+  if (running && id === current.id) stop();
+  chats = chats.filter((c) => c.id !== id);
+  conversations.remove(id).catch(() => showNotice("The browser would not delete that conversation.", "storage"));
+  renderChatList();
+  if (id !== current.id) return;
+  if (chats.length) openChat(newest().id);
+  else startNewChat();
 }
 
 function renderChat() {
@@ -116,7 +157,7 @@ function renderChat() {
 // --- Sending -------------------------------------------------------------
 
 function send(text) {
-  if (!text.trim() || running) return;
+  if (!text.trim() || running || !current) return;
   const message = { role: "user", content: text };
   current.messages.push(message);
   if (current.title === "New chat") current.title = text.trim().slice(0, 60);
@@ -197,7 +238,7 @@ function generate() {
       if (view.calls.size) record.toolCalls = view.toolCalls;
       chat.messages.push(record);
       chat.updated = Date.now();
-      store.saveChats(chats);
+      persist(chat);
       // The live view becomes the stored message as it is: no re-render.
       view.finish(outcome, () => {
         frames.onFrame = null;
@@ -345,6 +386,7 @@ document.addEventListener("keydown", (event) => {
 });
 ui.stop.addEventListener("click", stop);
 $("new-chat").addEventListener("click", startNewChat);
+$("notice-close").addEventListener("click", () => showNotice(null));
 $("open-settings").addEventListener("click", openSettings);
 function showSidebar(open) {
   ui.sidebar.classList.toggle("open", open);
@@ -356,13 +398,19 @@ document.querySelector(".main").addEventListener("click", (event) => {
   if (ui.sidebar.classList.contains("open") && event.target !== ui.toggleSidebar) showSidebar(false);
 });
 
-if (chats.length) current = chats.reduce((a, b) => (a.updated > b.updated ? a : b));
-else {
-  current = newChat();
-  chats.push(current);
+/** Open the stored conversations (moving the old page's into IndexedDB once) and show the latest. */
+async function start() {
+  conversations = await openHistory();
+  if (conversations.problem) showNotice(conversations.problem, "storage");
+  chats = await conversations.list();
+  const latest = newest();
+  const chat = latest && (await conversations.load(latest.id));
+  if (chat) showChat(chat);
+  else startNewChat();
+  document.documentElement.dataset.history = "open"; // for tests: the conversations are on the page
 }
-renderChat();
-renderChatList();
+
+start();
 loadModels();
 warmUp();
 ui.prompt.focus();

@@ -1,0 +1,146 @@
+"""Conversations kept in the browser, in a real browser: IndexedDB, the move from localStorage,
+and a storage that refuses or is full."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from browsing import WAIT, Serve, answer, answered, ask, opened, ready, stored_chats
+from helpers import DATA, FakeProvider
+
+# localStorage as the previous page (before IndexedDB) left it at "/": two conversations, one
+# with reasoning, math, a table and stats then a rate-limit error, one stopped early. Recorded by
+# driving that page in Chromium against a fake provider.
+OLD_PAGE_STORAGE: dict[str, str] = json.loads((DATA / "old-page-localstorage.json").read_text())
+OLD_CHATS: list[dict[str, Any]] = json.loads(OLD_PAGE_STORAGE["thinkstream:/:chats"])
+
+
+async def fill_local_storage(page: Any, url: str, items: dict[str, str]) -> None:
+    """Put ``items`` in the localStorage of ``url``'s origin before the page is opened there."""
+    await page.goto(url + "healthz")
+    await page.evaluate("(items) => { for (const [k, v] of Object.entries(items)) localStorage.setItem(k, v); }", items)
+
+
+async def test_conversations_the_old_page_kept_in_local_storage_move_to_indexeddb_once(
+    serve: Serve, browser: Any
+) -> None:
+    server = await serve()
+    url = str(server.make_url("/"))
+    page = await browser.new_page()
+    problems: list[str] = []
+    # (The JSON page the storage is filled from has no icon, and Chromium asks for /favicon.ico.)
+    page.on(
+        "console",
+        lambda m: m.type == "error" and not m.location["url"].endswith("/favicon.ico") and problems.append(m.text),
+    )
+    try:
+        await fill_local_storage(page, url, OLD_PAGE_STORAGE)
+        await page.goto(url)
+        await ready(page)
+
+        by_id = lambda chats: sorted(chats, key=lambda chat: chat["id"])  # noqa: E731
+        assert by_id(await stored_chats(page)) == by_id(OLD_CHATS), "every conversation, exactly as it was"
+        assert await page.evaluate("() => localStorage.getItem('thinkstream:/:chats')") is None
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == [
+            "Count slowly",
+            "What is the area of a circle of radius 2?",
+        ]
+        # The latest is open, as the old page left it.
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Stopped."
+
+        await page.get_by_role("button", name="What is the area of a circle of radius 2?", exact=True).click()
+        await page.wait_for_selector("#messages article.assistant >> nth=1", timeout=WAIT)
+        await answered(page, 2)
+        first = page.locator("#messages article.assistant").first
+        assert await first.locator(".answer .katex").count() == 2
+        assert await first.locator(".reasoning strong").text_content() == "area"
+        assert await first.locator(".stats").inner_text() != ""
+        assert "rate limiting" in await page.locator("#messages article.assistant .status.error").inner_text()
+
+        # Once: a reload finds them in IndexedDB and nothing left to move, and nothing doubled.
+        await page.reload()
+        await ready(page)
+        assert len(await stored_chats(page)) == 2
+        assert await page.locator("#chat-list .chat-open").count() == 2
+        assert problems == []
+    finally:
+        await page.close()
+
+
+async def test_a_conversation_already_moved_by_another_tab_is_not_overwritten(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    url = str(server.make_url("/"))
+    async with opened(browser, url) as tab:
+        page = tab.page
+        [newer] = [{**OLD_CHATS[1], "title": "Renamed since"}]
+        # As if another tab had moved it and the conversation went on there, while this old copy remained.
+        await page.evaluate(
+            """async (chat) => {
+                const db = await new Promise((resolve) => {
+                    const request = indexedDB.open(`thinkstream:${location.pathname}`);
+                    request.onsuccess = () => resolve(request.result);
+                });
+                const tx = db.transaction(["chats", "messages"], "readwrite");
+                tx.objectStore("chats").put({ id: chat.id, title: chat.title, updated: chat.updated });
+                tx.objectStore("messages").put({ id: chat.id, messages: chat.messages });
+                await new Promise((resolve) => (tx.oncomplete = resolve));
+                db.close();
+            }""",
+            newer,
+        )
+        await page.evaluate(
+            "(items) => { for (const [k, v] of Object.entries(items)) localStorage.setItem(k, v); }", OLD_PAGE_STORAGE
+        )
+        await page.reload()
+        await ready(page)
+
+        titles = sorted(chat["title"] for chat in await stored_chats(page))
+        assert titles == ["Renamed since", "What is the area of a circle of radius 2?"]
+        assert tab.problems == []
+
+
+async def test_when_the_browser_storage_is_full_the_page_says_so(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("x" * 200_000)
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        cdp = await page.context.new_cdp_session(page)
+        origin = str(server.make_url("/")).rstrip("/")
+        await cdp.send("Storage.overrideQuotaForOrigin", {"origin": origin, "quotaSize": 50_000})
+        await ask(page, "A long answer, please")
+        await answered(page)
+
+        notice = page.locator("#notice")
+        await notice.wait_for(timeout=WAIT)
+        assert await notice.get_attribute("role") == "alert"
+        text = await notice.inner_text()
+        assert "storage for this page is full" in text and "Export it" in text
+        # The conversation is still on the page, to export.
+        assert (await page.locator("#messages .answer").inner_text()).startswith("xxxx")
+        assert [p for p in tab.problems if "QuotaExceeded" not in p] == []
+
+
+async def test_when_the_browser_refuses_indexeddb_the_page_says_so_and_still_answers(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("Still here.")
+    context = await browser.new_context()
+    # What a browser that blocks site storage answers.
+    await context.add_init_script(
+        "Object.defineProperty(window, 'indexedDB', { get() { throw new DOMException('denied', 'SecurityError'); } });"
+    )
+    page = await context.new_page()
+    try:
+        await page.goto(str(server.make_url("/")))
+        await ready(page)
+        assert "does not let the page store conversations" in await page.locator("#notice").inner_text()
+        await ask(page, "Hello?")
+        await answered(page)
+        assert await page.locator("#messages .answer").inner_text() == "Still here."
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["Hello?"]
+    finally:
+        await context.close()
