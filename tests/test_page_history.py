@@ -1,13 +1,15 @@
 """Conversations kept in the browser, in a real browser: IndexedDB, the move from localStorage,
-and a storage that refuses or is full."""
+a storage that refuses or is full, export, import and search."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from browsing import WAIT, Serve, answer, answered, ask, opened, ready, stored_chats
-from helpers import DATA, FakeProvider
+from helpers import DATA, FakeProvider, Reply, chunk, sse
 
 # localStorage as the previous page (before IndexedDB) left it at "/": two conversations, one
 # with reasoning, math, a table and stats then a rate-limit error, one stopped early. Recorded by
@@ -144,3 +146,134 @@ async def test_when_the_browser_refuses_indexeddb_the_page_says_so_and_still_ans
         assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["Hello?"]
     finally:
         await context.close()
+
+
+RICH_ANSWER = Reply(
+    body=sse(
+        chunk(reasoning="Think of **Euler**: "),
+        chunk(reasoning="$e^{i\\pi} + 1 = 0$."),
+        chunk(content="The identity is\n\n$$e^{i\\pi} + 1 = 0$$\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"),
+        chunk(finish="stop"),
+        "[DONE]",
+    )
+)
+
+
+async def test_export_as_json_then_import_gives_back_the_same_conversation(
+    serve: Serve, fake: FakeProvider, browser: Any, tmp_path: Path
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = RICH_ANSWER
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Euler's identity?")
+        await answered(page)
+        [original] = await stored_chats(page)
+
+        await page.click("#export-menu summary")
+        async with page.expect_download() as download_info:
+            await page.click("#export-json")
+        download = await download_info.value
+        assert download.suggested_filename == "Euler-s-identity.json"
+        exported = tmp_path / download.suggested_filename
+        await download.save_as(exported)
+        data = json.loads(exported.read_text())
+        assert (data["thinkstream"], data["version"]) == ("conversation", 1)
+
+        await page.get_by_role("button", name="Delete “Euler's identity?”").click()
+        await page.wait_for_function("() => !document.querySelector('#messages article')")
+        assert await stored_chats(page) == []
+        await page.set_input_files("#import-file", str(exported))
+        await answered(page)
+
+        assert await stored_chats(page) == [original]
+        assert await page.locator("#chat-title").inner_text() == "Euler's identity?"
+        assert await page.locator("#messages .answer .katex-display").count() == 1
+        assert await page.locator("#messages .reasoning strong").text_content() == "Euler"
+
+        # Imported where it already is: a copy beside it, never a silent overwrite.
+        await page.set_input_files("#import-file", str(exported))
+        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 2")
+        copies = await stored_chats(page)
+        assert len({chat["id"] for chat in copies}) == 2
+        assert all(chat["messages"] == original["messages"] for chat in copies)
+        assert tab.problems == []
+
+
+async def test_export_as_markdown_reads_as_the_conversation(serve: Serve, fake: FakeProvider, browser: Any) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = RICH_ANSWER
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Euler's identity?")
+        await answered(page)
+
+        await page.click("#export-menu summary")
+        async with page.expect_download() as download_info:
+            await page.click("#export-markdown")
+        download = await download_info.value
+        text = await asyncio.to_thread(Path(await download.path()).read_text)
+
+        assert download.suggested_filename == "Euler-s-identity.md"
+        assert text.startswith("# Euler's identity?\n\n## You\n\nEuler's identity?\n\n## Assistant\n\n")
+        assert "> **Thinking**" in text and "> Think of **Euler**: $e^{i\\pi} + 1 = 0$." in text
+        assert text.endswith("$$e^{i\\pi} + 1 = 0$$\n\n| a | b |\n|---|---|\n| 1 | 2 |\n")
+        assert tab.problems == []
+
+
+async def test_a_file_that_is_not_an_export_is_refused_with_the_reason(
+    serve: Serve, browser: Any, tmp_path: Path
+) -> None:
+    server = await serve()
+    bad = tmp_path / "notes.json"
+    bad.write_text(
+        json.dumps(
+            {
+                "thinkstream": "conversation",
+                "version": 1,
+                "conversation": {"title": "t", "messages": [{"role": "system", "content": "x"}]},
+            }
+        )
+    )
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.set_input_files("#import-file", str(bad))
+
+        notice = page.locator("#notice")
+        await notice.wait_for(timeout=WAIT)
+        assert await notice.locator("p").inner_text() == (
+            "notes.json could not be imported: message 1 has no role of user or assistant."
+        )
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["New chat"]
+        assert await stored_chats(page) == []
+        assert tab.problems == []
+
+
+async def test_search_finds_conversations_by_their_text(serve: Serve, fake: FakeProvider, browser: Any) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        for question, reply in [
+            ("About birds", "Swallows migrate south."),
+            ("About fish", "Salmon swim upstream."),
+            ("About trees", "Oaks live for centuries."),
+        ]:
+            fake.reply = answer(reply)
+            await page.click("#new-chat")
+            await ask(page, question)
+            await answered(page)
+        listed = lambda: page.locator("#chat-list .chat-open").all_inner_texts()  # noqa: E731
+
+        await page.fill("#search", "upstream")  # in an answer only
+        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 1")
+        assert await listed() == ["About fish"]
+        await page.fill("#search", "TREES")  # in a title, any case
+        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 1")
+        assert await listed() == ["About trees"]
+        await page.fill("#search", "penguins")
+        await page.wait_for_selector("#chat-list .chat-none", timeout=WAIT)
+        assert await page.locator("#chat-list").inner_text() == "No conversation matches."
+        await page.fill("#search", "")
+        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 3")
+        assert await listed() == ["About trees", "About fish", "About birds"]
+        assert tab.problems == []

@@ -1,8 +1,9 @@
-// The chat page: conversations, settings, sending, stopping, regenerating.
+// The chat page: conversations (list, search, export, import), settings, sending, stopping, regenerating.
 
 import { Api, ApiError, arrivedInOneBurst } from "./api.js";
 import { frames, warmUp } from "./markdown.js";
-import { StorageProblem, newChat, openHistory, store } from "./store.js";
+import { StorageProblem, newChat, newId, openHistory, store } from "./store.js";
+import { download, fromJson, toJson, toMarkdown } from "./transfer.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +15,10 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   chatList: $("chat-list"),
+  search: $("search"),
+  importButton: $("import"),
+  importFile: $("import-file"),
+  exportMenu: $("export-menu"),
   notice: $("notice"),
   noticeText: $("notice-text"),
   title: $("chat-title"),
@@ -34,6 +39,7 @@ const api = new Api(() => store.token());
 let conversations = null; // where they are kept (see store.js), once open
 let chats = []; // every conversation's {id, title, updated}
 let current = null; // the open conversation, whole
+let matches = null; // ids of the conversations whose messages match the search box
 let settings = store.settings();
 let models = [];
 let running = null; // {handle, view, stopped}
@@ -56,7 +62,7 @@ function persist(chat) {
   );
 }
 
-/** A message above the conversation (storage refused or full); null hides it. */
+/** A message above the conversation (storage refused or full, an import that failed); null hides it. */
 function showNotice(text, kind = "") {
   ui.notice.hidden = text === null;
   ui.noticeText.textContent = text ?? "";
@@ -73,7 +79,11 @@ function announce(text) {
 
 function renderChatList() {
   ui.chatList.replaceChildren();
-  for (const chat of [...chats].sort((a, b) => b.updated - a.updated)) {
+  const query = ui.search.value.trim().toLowerCase();
+  const shown = [...chats]
+    .sort((a, b) => b.updated - a.updated)
+    .filter((chat) => !query || chat.title.toLowerCase().includes(query) || (matches && matches.has(chat.id)));
+  for (const chat of shown) {
     const item = document.createElement("li");
     const open = document.createElement("button");
     open.type = "button";
@@ -89,6 +99,12 @@ function renderChatList() {
     remove.addEventListener("click", () => deleteChat(chat.id));
     item.append(open, remove);
     ui.chatList.append(item);
+  }
+  if (query && !shown.length) {
+    const none = document.createElement("li");
+    none.className = "chat-none";
+    none.textContent = "No conversation matches.";
+    ui.chatList.append(none);
   }
 }
 
@@ -108,6 +124,7 @@ async function openChat(id) {
 }
 
 function showChat(chat) {
+  if (current && current.id !== chat.id && !current.messages.length) forget(current.id); // an empty one is not kept
   current = chat;
   renderChat();
   renderChatList();
@@ -127,10 +144,14 @@ function newest() {
   return chats.reduce((a, b) => (a && a.updated > b.updated ? a : b), null);
 }
 
-function deleteChat(id) {
-  if (running && id === current.id) stop();
+function forget(id) {
   chats = chats.filter((c) => c.id !== id);
   conversations.remove(id).catch(() => showNotice("The browser would not delete that conversation.", "storage"));
+}
+
+function deleteChat(id) {
+  if (running && id === current.id) stop();
+  forget(id);
   renderChatList();
   if (id !== current.id) return;
   if (chats.length) openChat(newest().id);
@@ -152,6 +173,44 @@ function renderChat() {
     }
   });
   ui.messages.scrollTop = ui.messages.scrollHeight;
+}
+
+// --- Search ----------------------------------------------------------------
+
+let searching = 0; // the latest search, so that an older one finishing late changes nothing
+
+async function search() {
+  if (!conversations) return;
+  const query = ui.search.value.trim();
+  const serial = ++searching;
+  const found = query ? await conversations.search(query) : null;
+  if (serial !== searching) return;
+  matches = found;
+  renderChatList();
+}
+
+// --- Export and import ----------------------------------------------------
+
+function exportCurrent(format) {
+  ui.exportMenu.open = false;
+  if (format === "markdown") download(current, "md", "text/markdown", toMarkdown(current));
+  else download(current, "json", "application/json", toJson(current));
+}
+
+async function importFile(file) {
+  let chat;
+  try {
+    chat = fromJson(await file.text());
+  } catch (error) {
+    showNotice(`${file.name} could not be imported: ${error.message}`, "import");
+    return;
+  }
+  if (!chat.id || chats.some((c) => c.id === chat.id)) chat.id = newId(); // already here: import a copy
+  if (ui.notice.dataset.kind === "import") showNotice(null);
+  if (running) stop();
+  await persist(chat);
+  showChat(chat);
+  announce(`Imported “${chat.title}”.`);
 }
 
 // --- Sending -------------------------------------------------------------
@@ -386,6 +445,15 @@ document.addEventListener("keydown", (event) => {
 });
 ui.stop.addEventListener("click", stop);
 $("new-chat").addEventListener("click", startNewChat);
+ui.search.addEventListener("input", search);
+ui.importButton.addEventListener("click", () => ui.importFile.click());
+ui.importFile.addEventListener("change", () => {
+  const [file] = ui.importFile.files;
+  ui.importFile.value = "";
+  if (file) importFile(file);
+});
+$("export-markdown").addEventListener("click", () => exportCurrent("markdown"));
+$("export-json").addEventListener("click", () => exportCurrent("json"));
 $("notice-close").addEventListener("click", () => showNotice(null));
 $("open-settings").addEventListener("click", openSettings);
 function showSidebar(open) {
