@@ -375,6 +375,27 @@ async def test_model_output_cannot_run_script(serve: Serve, fake: FakeProvider, 
         assert tab.problems == []
 
 
+async def test_a_tables_column_alignment_holds_without_an_inline_style(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("| Left | Centre | Right |\n|:---|:---:|---:|\n| a | b | c |\n")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "A table")
+        await answered(page)
+
+        cells = page.locator("#messages .answer td")
+        assert await cells.evaluate_all("(cells) => cells.map((c) => getComputedStyle(c).textAlign)") == [
+            "left",
+            "center",
+            "right",
+        ]
+        assert await page.locator("#messages .answer [style]").count() == 0
+        # The CSP would have blocked a style attribute, and said so in the console.
+        assert tab.problems == []
+
+
 async def test_user_text_with_html_is_shown_as_text(serve: Serve, fake: FakeProvider, browser: Any) -> None:
     server = await serve(base_url=fake.base_url, model="m")
     fake.reply = answer("Noted.")

@@ -20,16 +20,29 @@ import { math, renderMath, warmUpMath } from "./math.js";
 const md = markdownit({
   html: false, // model HTML is shown as text; DOMPurify still checks everything
   linkify: true,
-}).use(math);
+})
+  .use(math)
+  .use(alignmentAsClasses);
 
-DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
-  // The page's CSP forbids inline styles; keep markdown-it's table alignment as a class.
-  if (data.attrName === "style") {
-    const align = /text-align:\s*(left|right|center)/.exec(data.attrValue);
-    if (align) node.classList.add(`align-${align[1]}`);
-    data.keepAttr = false;
-  }
-});
+/**
+ * markdown-it writes a table column's alignment as style="text-align:…". The page's CSP forbids
+ * inline styles, and DOMPurify's parser (a document that inherits the page's CSP) reports each one
+ * as a violation even though it is then dropped: write a class instead, before any HTML exists.
+ */
+function alignmentAsClasses(markdown) {
+  markdown.core.ruler.push("alignment_classes", (state) => {
+    for (const token of state.tokens) {
+      const style = token.attrGet("style");
+      if (style === null) continue;
+      token.attrs = token.attrs.filter(([name]) => name !== "style");
+      const align = /text-align:\s*(left|right|center)/.exec(style);
+      if (align) token.attrJoin("class", `align-${align[1]}`);
+    }
+  });
+}
+
+const SANITIZE = { RETURN_DOM_FRAGMENT: true, FORBID_ATTR: ["style"] };
+
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName === "A" && node.hasAttribute("href")) {
     node.setAttribute("target", "_blank");
@@ -42,7 +55,7 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
  * `streaming`: the text may stop mid-formula (see math.js).
  */
 export function renderMarkdown(source, { streaming = false } = {}) {
-  const fragment = DOMPurify.sanitize(md.render(source, { streaming }), { RETURN_DOM_FRAGMENT: true });
+  const fragment = DOMPurify.sanitize(md.render(source, { streaming }), SANITIZE);
   renderMath(fragment);
   for (const code of fragment.querySelectorAll("pre > code")) {
     code.classList.add("hljs");
