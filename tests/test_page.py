@@ -744,15 +744,52 @@ async def test_an_open_code_fence_renders_as_code_while_it_streams(serve: Serve,
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
 
 
+# A reasoning model's answer to a question with numbers in it: markdown and math in its thinking,
+# then an answer with inline and display math, a table and code.
+PICTURE_THINKING = (
+    "The ball starts at rest, so **only gravity** acts (no air resistance at this height):\n\n"
+    "- distance: $h = \\tfrac{1}{2} g t^2$\n"
+    "- so $t = \\sqrt{2h/g}$, with $g \\approx 9.81\\,\\text{m/s}^2$\n\n"
+    "For $h = 20$ m that is about 2 s. I'll show the formula, a few heights, and code."
+)
+PICTURE_ANSWER = (
+    "## Time to fall 20 m\n\n"
+    "Starting from rest, the distance fallen after \\(t\\) seconds is \\(h = \\tfrac{1}{2} g t^2\\), so\n\n"
+    "$$t = \\sqrt{\\frac{2h}{g}} = \\sqrt{\\frac{2 \\cdot 20\\,\\text{m}}{9.81\\,\\text{m/s}^2}}"
+    " \\approx 2.02\\,\\text{s}$$\n\n"
+    "The mass (1 kg) does not appear: every object falls alike without air resistance.\n\n"
+    "| Height | Time | Speed at the ground |\n|---:|---:|---:|\n"
+    "| 5 m | 1.01 s | 9.9 m/s |\n| 20 m | 2.02 s | 19.8 m/s |\n| 80 m | 4.04 s | 39.6 m/s |\n\n"
+    "```python\nfrom math import sqrt\n\ndef fall_time(height_m: float, g: float = 9.81) -> float:\n"
+    "    return sqrt(2 * height_m / g)\n```\n"
+)
+
+
+def words_of(text: str) -> list[str]:
+    return re.findall(r"\s*\S+", text)
+
+
 @pytest.mark.skipif(not os.environ.get("THINKSTREAM_SCREENSHOT"), reason="set THINKSTREAM_SCREENSHOT=1 to redraw it")
-async def test_screenshot_for_the_readme(serve: Serve, browser: Any) -> None:
+async def test_screenshot_for_the_readme(serve: Serve, fake: FakeProvider, browser: Any) -> None:
+    usage = {"prompt_tokens": 24, "completion_tokens": 312, "total_tokens": 336, "reasoning_tokens": 96}
+    events = [
+        *(chunk(reasoning=w) for w in words_of(PICTURE_THINKING)),
+        *(chunk(content=w) for w in words_of(PICTURE_ANSWER)),
+        chunk(finish="stop"),
+        {"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": "m", "choices": [], "usage": usage},
+        "[DONE]",
+    ]
     # Paced like a real model, so the thinking time and the rate in the picture look like one.
-    server = await serve(demo_delay=0.01)
+    fake.reply = paced(events, delay=0.02)
+    server = await serve(base_url=fake.base_url, model="deepseek-reasoner")
     viewport = {"width": 1200, "height": 800}
     async with opened(browser, str(server.make_url("/")), viewport=viewport) as tab:
         page = tab.page
-        await ask(page, "How should a relay stream a reasoning model's answer to a browser?")
+        await ask(page, "How long does a 1 kg ball take to fall 20 m?")
         await answered(page)
+        # Open the thinking panel, to show its markdown and math too.
+        await page.click("#messages details.thinking summary")
+        await page.evaluate("() => document.fonts.ready")
         # From the question down: the thinking panel, the answer and the message box.
         await page.evaluate("() => { document.getElementById('messages').scrollTop = 0; }")
         Path(SCREENSHOT).parent.mkdir(exist_ok=True)
