@@ -41,13 +41,8 @@ def serve(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Callable[...,
 
 
 @pytest.fixture
-async def fake(serve: Callable[..., Awaitable[TestServer]]) -> FakeProvider:
-    """A provider on a real port that replays whatever ``fake.reply`` holds and records each request."""
-    provider = FakeProvider()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", provider.chat_completions)
-    server = await serve(app)
-    provider.base_url = str(server.make_url("/v1"))
+def fake(provider: FakeProvider) -> FakeProvider:
+    """The fake provider, by the name the page tests give it: ``fake.reply`` is what it answers next."""
     return provider
 
 

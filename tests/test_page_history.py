@@ -159,6 +159,14 @@ RICH_ANSWER = Reply(
 )
 
 
+async def export(page: Any, format: str) -> Any:
+    """Export the open conversation from the page's menu; the download it gives."""
+    await page.click("#export-menu summary")
+    async with page.expect_download() as download:
+        await page.click(f"#export-{format}")
+    return await download.value
+
+
 async def test_export_as_json_then_import_gives_back_the_same_conversation(
     serve: Serve, fake: FakeProvider, browser: Any, tmp_path: Path
 ) -> None:
@@ -170,10 +178,7 @@ async def test_export_as_json_then_import_gives_back_the_same_conversation(
         await answered(page)
         [original] = await stored_chats(page)
 
-        await page.click("#export-menu summary")
-        async with page.expect_download() as download_info:
-            await page.click("#export-json")
-        download = await download_info.value
+        download = await export(page, "json")
         assert download.suggested_filename == "Euler-s-identity.json"
         exported = tmp_path / download.suggested_filename
         await download.save_as(exported)
@@ -208,10 +213,7 @@ async def test_export_as_markdown_reads_as_the_conversation(serve: Serve, fake: 
         await ask(page, "Euler's identity?")
         await answered(page)
 
-        await page.click("#export-menu summary")
-        async with page.expect_download() as download_info:
-            await page.click("#export-markdown")
-        download = await download_info.value
+        download = await export(page, "markdown")
         text = await asyncio.to_thread(Path(await download.path()).read_text)
 
         assert download.suggested_filename == "Euler-s-identity.md"

@@ -57,6 +57,7 @@ function persist(chat) {
   return conversations.save(chat).then(
     () => {
       if (ui.notice.dataset.kind === "storage" && !conversations.problem) showNotice(null);
+      if (ui.search.value.trim()) search(); // the list shows what matches now
     },
     (error) => showNotice(error instanceof StorageProblem ? error.message : String(error), "storage"),
   );
@@ -440,7 +441,8 @@ ui.prompt.addEventListener("keydown", (event) => {
 });
 document.addEventListener("keydown", (event) => {
   if (event.key !== "Escape" || ui.settingsDialog.open || ui.tokenDialog.open) return;
-  if (ui.sidebar.classList.contains("open")) showSidebar(false);
+  if (ui.exportMenu.open) ui.exportMenu.open = false;
+  else if (ui.sidebar.classList.contains("open")) showSidebar(false);
   else if (running) stop();
 });
 ui.stop.addEventListener("click", stop);
@@ -453,6 +455,9 @@ ui.importFile.addEventListener("change", () => {
   if (file) importFile(file);
 });
 $("export-markdown").addEventListener("click", () => exportCurrent("markdown"));
+document.addEventListener("click", (event) => {
+  if (ui.exportMenu.open && !ui.exportMenu.contains(event.target)) ui.exportMenu.open = false;
+});
 $("export-json").addEventListener("click", () => exportCurrent("json"));
 $("notice-close").addEventListener("click", () => showNotice(null));
 $("open-settings").addEventListener("click", openSettings);
@@ -470,9 +475,14 @@ document.querySelector(".main").addEventListener("click", (event) => {
 async function start() {
   conversations = await openHistory();
   if (conversations.problem) showNotice(conversations.problem, "storage");
-  chats = await conversations.list();
-  const latest = newest();
-  const chat = latest && (await conversations.load(latest.id));
+  let chat;
+  try {
+    chats = await conversations.list();
+    const latest = newest();
+    chat = latest && (await conversations.load(latest.id));
+  } catch {
+    showNotice("The browser would not read the stored conversations. New ones may not be kept either.", "storage");
+  }
   if (chat) showChat(chat);
   else startNewChat();
   document.documentElement.dataset.history = "open"; // for tests: the conversations are on the page

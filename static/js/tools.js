@@ -34,10 +34,10 @@ export class ToolCallCard {
     this.setState("streaming");
   }
 
-  /** One streamed fragment of this call. */
+  /** One streamed fragment of this call: its id and name when it carries them, and more of its arguments. */
   add({ id, name, arguments: fragment }) {
     if (id) this.id = id;
-    if (name) this.name += name;
+    if (name) this.name = name;
     if (fragment) this.arguments += fragment;
     frames.request(this);
   }

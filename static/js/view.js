@@ -154,7 +154,7 @@ export class AssistantMessage {
       this.showStatus(`The model asked to call ${names || "a tool"} instead of answering. This page does not run tools.`);
     }
     if (stopped) this.showStatus("Stopped.");
-    if (buffered) this.warnBuffering(stats.duration_ms);
+    if (buffered && stats) this.warnBuffering(stats.duration_ms);
     if (error) {
       this.showStatus(errorWords(error), true);
       if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
