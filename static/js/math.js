@@ -54,7 +54,7 @@ function findCloser(src, start, end, opener) {
   const closer = CLOSER[opener];
   for (let i = start; i < end; i += 1) {
     const code = src.charCodeAt(i);
-    if (src.startsWith(closer, i)) {
+    if (src.startsWith(closer, i) && i + closer.length <= end) {
       if (opener !== "$") return i;
       return isDigit(src.charCodeAt(i + 1)) ? -2 : i;
     }

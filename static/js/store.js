@@ -211,7 +211,11 @@ function openDatabase() {
     request.result.createObjectStore("chats", { keyPath: "id" });
     request.result.createObjectStore("messages", { keyPath: "id" });
   };
-  return done(request);
+  return done(request).then((db) => {
+    // A later version of the page in another tab upgrades the database: let it, rather than block it.
+    db.onversionchange = () => db.close();
+    return db;
+  });
 }
 
 /**
