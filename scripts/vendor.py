@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """Refresh ``static/vendor/`` from the npm registry's own distributions.
 
-The page uses markdown-it, DOMPurify and highlight.js exactly as their
+The page uses markdown-it, DOMPurify, highlight.js and KaTeX exactly as their
 authors publish them: this script fetches each pinned version with
 ``npm pack``, checks the tarball against the registry's ``dist.integrity``,
 copies the distribution files (renamed only, so their version shows in the
-name; never edited), copies each license, and writes ``SHA256SUMS``, which a
-test checks so that a hand edit cannot go unnoticed.
+name or folder; never edited), copies each license, and writes ``SHA256SUMS``,
+which a test checks so that a hand edit cannot go unnoticed.
 
 To upgrade, change a version below, run ``python scripts/vendor.py``, update
 the file names in ``static/`` that import them, and commit the result.
@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 logger = logging.getLogger("vendor")
@@ -33,7 +34,10 @@ VENDOR = Path(__file__).resolve().parent.parent / "static" / "vendor"
 
 @dataclass(frozen=True)
 class Package:
-    """A pinned npm package and the files taken from it (path in the tarball → vendored name)."""
+    """A pinned npm package and the files taken from it (path in the tarball → vendored name).
+
+    A path with a wildcard takes every file that matches it into the folder it maps to.
+    """
 
     name: str
     version: str
@@ -71,6 +75,19 @@ PACKAGES = (
         },
         slug="highlight.js",
     ),
+    # KaTeX's own ES module, and its stylesheet with the fonts beside it where the stylesheet looks for them
+    # (fonts/ next to it). Only the woff2 fonts: every browser the page supports reads woff2, and the
+    # stylesheet lists woff2 first.
+    Package(
+        "katex",
+        "0.19.1",
+        {
+            "dist/katex.mjs": "katex-0.19.1/katex.es.js",
+            "dist/katex.min.css": "katex-0.19.1/katex.min.css",
+            "dist/fonts/*.woff2": "katex-0.19.1/fonts/",
+        },
+        slug="katex",
+    ),
 )
 
 
@@ -90,13 +107,29 @@ def fetch(package: Package, workdir: Path) -> Path:
     return tarball
 
 
+def members(package: Package, archive: tarfile.TarFile) -> list[tuple[str, str]]:
+    """(path in the tarball, vendored name) for every file the package's list names or matches."""
+    pairs = []
+    for pattern, name in package.files.items():
+        if "*" not in pattern:
+            pairs.append((pattern, name))
+            continue
+        matched = [m.name.removeprefix("package/") for m in archive.getmembers() if m.isfile()]
+        matched = sorted(path for path in matched if fnmatch(path, pattern))
+        if not matched:
+            raise SystemExit(f"{package.spec}: no file matches {pattern}")
+        pairs += [(path, name + path.rsplit("/", 1)[-1]) for path in matched]
+    return pairs
+
+
 def extract(package: Package, tarball: Path) -> list[str]:
     written = []
     with tarfile.open(tarball) as archive:
-        for member, name in package.files.items():
+        for member, name in members(package, archive):
             source = archive.extractfile(f"package/{member}")
             if source is None:
                 raise SystemExit(f"{package.spec}: no file {member}")
+            (VENDOR / name).parent.mkdir(parents=True, exist_ok=True)
             (VENDOR / name).write_bytes(source.read())
             written.append(name)
         for license_name in package.licenses:

@@ -28,6 +28,25 @@ async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Fake
 
 
 @pytest.fixture
+def serve(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Callable[..., Awaitable[TestServer]]:
+    """``await serve(app)`` or ``await serve(**settings)``: a relay (or any app) on a real port."""
+
+    async def make(app: web.Application | None = None, **settings: Any) -> TestServer:
+        if app is None:
+            settings.setdefault("demo_delay", 0.0)
+            app = create_app(Config(**settings))
+        return await aiohttp_server(app)
+
+    return make
+
+
+@pytest.fixture
+def fake(provider: FakeProvider) -> FakeProvider:
+    """The fake provider, by the name the page tests give it: ``fake.reply`` is what it answers next."""
+    return provider
+
+
+@pytest.fixture
 def relay(aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]]) -> RelayFactory:
     """``await relay(**settings)``: a client of a relay built with those settings."""
 

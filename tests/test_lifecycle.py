@@ -15,9 +15,10 @@ import re
 import socket
 import sys
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import ClientResponse, web
@@ -30,6 +31,10 @@ from handlers.app import create_app
 from handlers.config import Config
 from handlers.keys import streams_key
 from handlers.provider.sse_decoder import SSEDecoder
+from handlers.provider.upstream import Upstream
+from handlers.routes.chat_request import ChatRequest
+from handlers.stores.log import Events
+from handlers.stores.memory import MemoryStreamLog, MemoryStreamStore
 from handlers.streams.generation import Generation, Streams
 
 Client = TestClient[web.Request, web.Application]
@@ -825,6 +830,47 @@ async def test_a_slow_but_steady_reader_of_a_long_backlog_is_not_taken_for_a_sta
     assert events_in(response) == events[1:]
     # It did take several stall timeouts, but no one write was left unread for that long.
     assert took > 3 * stall_timeout
+
+
+class _SlowToEnd(MemoryStreamStore):
+    """A store that takes a moment over a log's last event, as a shared store does over the network."""
+
+    async def create(self, stream_id: str, *, client: str = "", principal: str | None = None) -> MemoryStreamLog:
+        log = await super().create(stream_id, client=client, principal=principal)
+        append = log.append
+
+        async def slow_append(events: Sequence[tuple[str, bytes]]) -> Events:
+            if events[-1][0] == "error":
+                await asyncio.sleep(0.2)
+            return await append(events)
+
+        log.append = slow_append  # type: ignore[method-assign]
+        return log
+
+
+async def test_a_stop_heard_twice_still_ends_the_log_for_its_readers(upstream: ScriptedProvider) -> None:
+    # A cancel from another process reaches the owner twice (a wake-up and the re-read of its flag);
+    # the second must not land in the middle of writing the log's end.
+    upstream.script = sends_one_chunk_then_falls_silent
+    config = Config(base_url=upstream.base_url, model="m")
+    store = _SlowToEnd(stream_bytes=1 << 20, total_bytes=1 << 20)
+    streams = Streams(config, store)
+    chat = ChatRequest(messages=({"role": "user", "content": "hi"},), model="m", options={})
+    async with aiohttp.ClientSession() as session:
+        generation = await streams.start(session, Upstream(upstream.base_url), chat, "client")
+        log = generation.log
+        await eventually(lambda: upstream.calls == 1, "the provider is called")
+        generation.stop_requested()
+        await asyncio.sleep(0.1)  # writing the cancelled error now
+        generation.stop_requested()
+        assert generation.task is not None
+        await asyncio.wait([generation.task], timeout=5)
+        events, finished = await log.read(0)
+    await streams.close()
+
+    assert finished and events is not None
+    assert [kind for _, kind, _ in events][-1] == "error"
+    assert orjson.loads(events.items[-1][1])["code"] == "cancelled"
 
 
 # Memory: what a stream leaves behind is freed by reference counting alone. The collector, tuned for throughput

@@ -357,6 +357,128 @@ async def test_a_stream_whose_owner_died_unwatched_ends_when_someone_resumes_it(
     assert events[-1].data["code"] == "generation_lost"
 
 
+async def test_an_owner_that_stalls_past_its_lease_and_its_readers_agree_on_the_end(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession
+) -> None:
+    # Taken for dead while stopped, the owner comes back to a log that ended without it.
+    provider.count = 600
+    a, b = await relays(2)
+    async with started_stream(http, a, count=2) as (owner_side, before):
+        stream = before[0].data["stream"]
+        async with http.get(b.url(f"/stream/{stream}"), headers={"Last-Event-ID": before[-1].id}) as follower:
+            await read_events(follower, 2)
+            a.process.send_signal(signal.SIGSTOP)
+            elsewhere = await read_events(follower)
+            a.process.send_signal(signal.SIGCONT)
+        here = await read_events(owner_side)
+    async with http.get(b.url(f"/stream/{stream}")) as replay:
+        whole = await read_events(replay)
+
+    assert elsewhere[-1].data["code"] == "generation_lost"
+    assert (here[-1].id, here[-1].data) == (elsewhere[-1].id, elsewhere[-1].data) == (whole[-1].id, whole[-1].data)
+
+
+async def test_a_reader_process_that_stalled_is_counted_again_for_the_disconnect_grace(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession
+) -> None:
+    provider.count = 600
+    a, b = await relays(2, "--disconnect-grace", "1")
+    async with started_stream(http, a, count=2) as (_, before):
+        follower = await http.get(
+            b.url(f"/stream/{before[0].data['stream']}"), headers={"Last-Event-ID": before[-1].id}
+        )
+    await read_events(follower, 2)
+    b.process.send_signal(signal.SIGSTOP)
+    await asyncio.sleep(11)  # past b's registration as a reader
+    b.process.send_signal(signal.SIGCONT)
+    await read_events(follower, 3)
+    await asyncio.sleep(4)  # well past the grace, b's client still reading
+
+    follower.close()
+    assert provider.calls[0].hung_up is None, "cancelled although a reader on another process followed"
+
+
+# Redis refusing, restarting, busy.
+
+
+async def test_redis_refusing_writes_mid_stream_ends_it_with_a_retryable_error_and_frees_its_slot(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    provider.count = 400
+    (a,) = await relays(1, "--max-streams", "1", redis_url=own_redis.url)
+    async with aioredis.Redis.from_url(own_redis.url) as admin, started_stream(http, a, count=2) as (response, _):
+        await admin.config_set("maxmemory", "1")  # out of memory: every write is refused
+        try:
+            async with asyncio.timeout(10):
+                rest = await read_events(response)
+        finally:
+            await admin.config_set("maxmemory", "0")
+    assert rest[-1].event == "error"
+    assert rest[-1].data["code"] == "store_unavailable" and rest[-1].data["retryable"] is True
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15  # its slot's lease runs out
+    while True:
+        async with http.post(a.url("/stream"), json=HELLO) as again:
+            if again.status == 200:
+                break
+        assert loop.time() < deadline, "the slot of a stream Redis would not take never came back"
+        await asyncio.sleep(0.5)
+
+
+async def test_a_redis_restart_between_two_tokens_ends_the_stream_with_a_retryable_error(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    # Without persistence the restarted Redis has no such stream: never a silent end.
+    provider.count, provider.interval = 10, 1.0  # a model that thinks between tokens
+    (a,) = await relays(1, redis_url=own_redis.url)
+    async with started_stream(http, a, count=2) as (response, _):
+        own_redis.stop()
+        own_redis.start()
+        async with asyncio.timeout(30):
+            rest = await read_events(response)
+
+    assert rest[-1].event == "error"
+    assert rest[-1].data["retryable"] is True
+
+
+async def test_a_redis_busy_for_a_moment_leaves_every_process_serving_afterwards(
+    relays: Relays, provider: Ticking, http: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    import redis.asyncio as aioredis
+
+    provider.count, provider.interval = 20, 0.05
+    a, b = await relays(2, redis_url=own_redis.url)
+    busy = "local s = redis.call('TIME')[1] while redis.call('TIME')[1] - s < 2 do end return 1"
+    async with aioredis.Redis.from_url(own_redis.url) as admin:
+        await admin.config_set("busy-reply-threshold", "100")  # other clients get -BUSY meanwhile
+        async with started_stream(http, a, count=2) as (_, before):
+            follower = await http.get(b.url(f"/stream/{before[0].data['stream']}"))
+            await read_events(follower, 2)
+            await admin.eval(busy, 0)
+            follower.close()
+    await asyncio.sleep(1)
+
+    async with started_stream(http, a, count=1) as (_, fresh):
+        stream = fresh[0].data["stream"]
+        async with asyncio.timeout(15), http.get(b.url(f"/stream/{stream}")) as again:
+            events = await read_events(again)
+    assert_whole(events, provider.answer())
+
+
+async def test_metrics_answer_while_redis_is_down(
+    relays: Relays, http: aiohttp.ClientSession, own_redis: RedisServer
+) -> None:
+    (a,) = await relays(1, redis_url=own_redis.url)
+    own_redis.stop()
+
+    async with http.get(a.url("/metrics")) as scraped:
+        assert scraped.status == 200
+        assert "thinkstream_streams" in await scraped.text()
+
+
 # Limits across processes.
 
 
@@ -429,7 +551,7 @@ async def test_another_token_gets_404_on_any_process(relays: Relays, http: aioht
         ("x" * 5000 + ":1", 404),
         ("abc:" + "9" * 50, 404),
     ],
-    ids=["no seq", "hash tag", "long id", "huge seq"],
+    ids=["no seq", "hash tag", "long id", "huge seq of no stream"],
 )
 async def test_a_malformed_or_foreign_last_event_id_is_refused_never_a_store_error(
     relays: Relays, http: aiohttp.ClientSession, header: str, status: int

@@ -157,6 +157,7 @@ async def test_subscribers_are_woken_by_appends_at_once(make_stores: MakeStores)
 async def test_an_unsubscribed_reader_is_not_woken(make_stores: MakeStores) -> None:
     stores = await make_stores()
     log = await stores.create()
+    await stores.reader.reader_joined(log.stream_id)  # so that a shared store would wake a subscriber
     seen = await stores.view(log)
     wakes: list[str] = []
 

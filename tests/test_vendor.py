@@ -27,7 +27,7 @@ def test_each_library_keeps_its_license_and_pins_its_version_in_the_file_name() 
     pinned = re.findall(r"^# (\S+)@(\S+)$", (VENDOR / "SHA256SUMS").read_text(), re.M)
     licenses = {name for _, name in SUMS if name.startswith("licenses/")}
 
-    assert {package for package, _ in pinned} == {"markdown-it", "dompurify", "@highlightjs/cdn-assets"}
+    assert {package for package, _ in pinned} == {"markdown-it", "dompurify", "@highlightjs/cdn-assets", "katex"}
     for _package, version in pinned:
         assert any(version in name for name in licenses), f"no license for version {version}"
         assert any(version in name for _, name in SUMS if not name.startswith("licenses/"))
@@ -40,3 +40,19 @@ def test_the_page_loads_the_vendored_versions() -> None:
     for _, name in SUMS:
         if name.endswith(".js"):
             assert f"vendor/{name}" in sources, f"{name} is vendored but not used"
+
+
+def test_every_woff2_font_the_katex_stylesheet_asks_for_is_vendored_beside_it() -> None:
+    [stylesheet] = VENDOR.glob("katex-*/katex.min.css")
+    fonts = set(re.findall(r"url\((fonts/[^)]+\.woff2)\)", stylesheet.read_text()))
+
+    assert len(fonts) == 20
+    assert all((stylesheet.parent / font).is_file() for font in fonts)
+
+
+def test_the_page_loads_the_vendored_stylesheets() -> None:
+    html = (VENDOR.parent / "index.html").read_text()
+
+    for _, name in SUMS:
+        if name.endswith(".css"):
+            assert f"static/vendor/{name}" in html, f"{name} is vendored but not used"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import math
 import time
 from typing import TYPE_CHECKING
@@ -25,10 +26,15 @@ from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
 from ..config import Config
-from ..errors import RelayError, StoreUnavailable
+from ..errors import RelayError
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+
+logger = logging.getLogger(__name__)
+
+# Seconds after a failure of the shared counts during which requests are not counted at all.
+_UNCOUNTED = 1.0
 
 __all__ = ["Access", "client_key", "principal"]
 
@@ -54,6 +60,7 @@ class Access:
         self._ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - config.ipv6_prefix)) - 1)
         self._limit = limits.parse(config.rate_limit)
         self._memory: MemoryStorage | None = None
+        self._warned = self._failed = -math.inf
         self._storage_errors: tuple[type[Exception], ...] = (StorageError,)
         storage: Storage
         if redis is None:
@@ -91,13 +98,24 @@ class Access:
         return _TOKEN_CLIENT + hashlib.sha256(given).hexdigest()[:12]
 
     async def check_rate(self, client: str) -> None:
-        """Count one request for ``client``; 429 with Retry-After past the limit (503 when Redis is down)."""
+        """Count one request for ``client``; 429 with Retry-After past the limit.
+
+        When the shared counts (Redis) cannot be reached the request goes through uncounted: what
+        needs the store fails on its own (a new stream is a 503), and the rest, such as
+        ``/metrics``, keeps answering when it is most wanted.
+        """
+        if time.monotonic() - self._failed < _UNCOUNTED:
+            return  # It failed a moment ago: no request waits on it again so soon.
         try:
             if await self._limiter.hit(self._limit, client):
                 return
             stats = await self._limiter.get_window_stats(self._limit, client)
-        except self._storage_errors:
-            raise StoreUnavailable() from None
+        except self._storage_errors as exc:
+            now = self._failed = time.monotonic()
+            if now - self._warned >= 10:
+                self._warned = now
+                logger.warning("request rates are not counted: the stream store is unreachable (%s)", exc)
+            return
         retry_after = max(1, math.ceil(stats.reset_time - time.time()))
         raise RelayError(
             f"too many requests: the limit is {self._limit}; try again in {retry_after} s",

@@ -84,6 +84,8 @@ class StreamLog(ABC):
     stream_id: str
     # Who may read or cancel the stream (an access token's fingerprint); None: anyone.
     principal: str | None = None
+    # The last event when this view of the log was opened: where to read from for its end alone.
+    last_known = 0
 
     @abstractmethod
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:

@@ -52,8 +52,9 @@ __all__ = ["RedisStreamStore", "connect"]
 logger = logging.getLogger(__name__)
 
 # Seconds a process's lease on a running stream (and its registration as a reader) lasts without renewal,
-# and how often it renews them: a dead owner's readers hear of it within LEASE + REAP_EVERY.
-LEASE = 5.0
+# and how often it renews them: a dead owner's readers hear of it within LEASE + REAP_EVERY. Long enough
+# that a heartbeat whose batch times out (5 s) does not lose a live owner its streams.
+LEASE = 10.0
 HEARTBEAT = 1.0
 REAP_EVERY = 1.0
 # How long the shared reader blocks on Redis: well below the client's socket timeout.
@@ -67,7 +68,8 @@ _SCRIPTS = {
     name: getattr(redis_scripts, name)
     for name in ("APPEND", "CANCEL", "CREATE", "FINISH", "HEARTBEAT", "JOIN", "OPEN", "READ", "READERS", "REAP")
 }
-# ARGV: P, process, snapshot, ttl_ms -> [process, snapshot, ...] of every process whose snapshot is current.
+# ARGV: P, process, snapshot, ttl_ms, gather (1/0) -> [process, snapshot, ...] of every process whose snapshot
+# is current, when asked to gather (a scrape); a heartbeat only publishes.
 _SCRIPTS["METRICS"] = """
 local P, process, ttl = ARGV[1], ARGV[2], tonumber(ARGV[4])
 local t = redis.call('TIME')
@@ -80,6 +82,7 @@ end
 redis.call('ZREMRANGEBYSCORE', index, '-inf', now)
 redis.call('PEXPIRE', index, ttl)
 local out = {}
+if ARGV[5] ~= '1' then return out end
 for _, name in ipairs(redis.call('ZRANGE', index, 0, -1)) do
   local data = redis.call('GET', index .. ':' .. name)
   if data then
@@ -122,6 +125,10 @@ def connect(url: str) -> aioredis.Redis:
         client_name=f"thinkstream-{socket.gethostname()}-{os.getpid()}",
     )
     return aioredis.Redis.from_pool(pool)
+
+
+def _store_lost() -> bytes:
+    return orjson.dumps(StoreUnavailable("the stream store lost this stream before it finished; ask again").event())
 
 
 def _lost() -> bytes:
@@ -175,6 +182,7 @@ class _Calls:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
+                results: list[Any]
                 try:
                     async with asyncio.timeout(_SOCKET_TIMEOUT):
                         results = await self._execute(batch)
@@ -182,6 +190,12 @@ class _Calls:
                     logger.debug("redis is unreachable: %r", exc)
                     await self._connection.disconnect(nowait=True)
                     results = [StoreUnavailable() for _ in batch]
+                except Exception as exc:
+                    # Refused while connecting (a database or name the server will not take), or a reply
+                    # redis-py cannot parse: every call of the batch fails, none waits forever.
+                    logger.error("the stream store failed: %r", exc)
+                    await self._connection.disconnect(nowait=True)
+                    results = [StoreUnavailable(f"the stream store failed: {type(exc).__name__}") for _ in batch]
                 for (_, _, future), result in zip(batch, results, strict=True):
                     if future.done():
                         continue
@@ -203,30 +217,35 @@ class _Calls:
                 results[i] = result
         for i, result in enumerate(results):
             if isinstance(result, redis_errors.ResponseError):
-                logger.error("redis script %s failed: %s", batch[i][0], result)
-                results[i] = RelayError("the stream store failed; see the server log")
+                # Out of memory, read-only after a failover, busy with a long script: Redis is there
+                # but will not do it now.
+                logger.error("redis refused script %s: %s", batch[i][0], result)
+                results[i] = StoreUnavailable("the stream store refused the request; try again shortly")
         return results
 
     async def _send(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """Send the commands in one write and read their replies; an error reply is returned, not raised."""
+        """Send the commands in one write and read their replies; an error reply is returned, not raised.
+
+        A connection from before a Redis restart fails on first use, in the write or in the first read:
+        the batch goes once more on a fresh one (every script can run twice and tell).
+        """
         connection = self._connection
         for attempt in range(2):
+            results: list[Any] = []
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
                 await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-                break
+                for _ in commands:
+                    try:
+                        results.append(await connection.read_response())
+                    except redis_errors.ResponseError as error:
+                        results.append(error)
+                return results
             except _UNREACHABLE:
-                # A connection from before a Redis restart fails on first use: one fresh try.
                 await connection.disconnect(nowait=True)
-                if attempt:
+                if attempt or results:
                     raise
-        results: list[Any] = []
-        for _ in commands:
-            try:
-                results.append(await connection.read_response())
-            except redis_errors.ResponseError as error:
-                results.append(error)
-        return results
+        raise AssertionError("unreachable")
 
 
 class _Followed:
@@ -326,7 +345,7 @@ class _Follower:
             try:
                 result = await client.xread({self._inbox: self._seen}, count=512, block=BLOCK_MS)
                 _cancelled_meanwhile()
-            except _UNREACHABLE as exc:
+            except (redis_errors.RedisError, OSError) as exc:
                 logger.warning("the stream store is unreachable: %r", exc)
                 for followed in self._streams.values():
                     followed.valid = False
@@ -409,7 +428,9 @@ class _OwnedLog(StreamLog):
         self._last = 0
         # Redis failed: the stream is ending, and its last events are kept here only.
         self._broken = False
+        # Redis takes no more events for it; this copy has its last event.
         self._closed = False
+        self._ended = False
 
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
         if self._closed:
@@ -443,7 +464,9 @@ class _OwnedLog(StreamLog):
                     if await asyncio.shield(call) == b"ok":
                         await self._keep(events)
                 raise
-            except StoreUnavailable:
+            except RelayError:
+                # Unreachable, or refusing writes (out of memory, read-only after a failover): the
+                # stream ends here, its last events kept in this process only.
                 self._broken = True
                 raise
             if result != b"ok":
@@ -455,19 +478,26 @@ class _OwnedLog(StreamLog):
         return await self._keep(events)
 
     async def _catch_up(self) -> None:
-        """The stream was ended elsewhere: give this process's readers the same end as everyone's."""
+        """The stream was ended elsewhere: give this process's readers the same end as everyone's.
+
+        When Redis has no such end (it lost the stream: restarted without persistence, flushed,
+        evicted), they get a retryable error of their own rather than a silent end.
+        """
         remote = _RemoteLog(self._store, self.stream_id, self.principal)
         with contextlib.suppress(RelayError, LogGap, ValueError):
             while True:
                 events, _ = await remote.read(self._last)
                 if events is None:
-                    return
+                    break
                 await self._keep(events.items)
+        if not self._ended:
+            await self._keep([("error", _store_lost())])
 
     async def _keep(self, events: Sequence[tuple[str, bytes]]) -> Events:
         appended = await self._mirror.append(events)
         self._last = appended.last
-        if EVENT_CODES[events[-1][0]] in _LAST_CODES and not self._broken:
+        if events[-1][0] in _LAST_KINDS:
+            self._ended = True
             # Redis finished the log with its last event.
             self._closed = True
         return appended
@@ -486,10 +516,11 @@ class _OwnedLog(StreamLog):
     async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
         try:
             return await self._mirror.read(after, max_bytes)
-        except LogGap:
+        except (LogGap, ValueError):
+            # This copy is bounded by this process's memory, and takes an event only once Redis
+            # has answered for it: a client handed back by another process may be ahead of it.
             if self._broken:
                 raise
-            # This process's copy is bounded by its own memory; Redis may keep more.
             return await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
 
     def subscribe(self, wake: Callable[[], None]) -> None:
@@ -502,9 +533,10 @@ class _OwnedLog(StreamLog):
 class _RemoteLog(StreamLog):
     """A stream as a process that does not run its generation reads it: from Redis."""
 
-    def __init__(self, store: RedisStreamStore, stream_id: str, principal: str | None) -> None:
+    def __init__(self, store: RedisStreamStore, stream_id: str, principal: str | None, last: int = 0) -> None:
         self.stream_id = stream_id
         self.principal = principal
+        self.last_known = last
         self._store = store
 
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
@@ -634,8 +666,8 @@ class RedisStreamStore(StreamStore):
         found = await self.calls("OPEN", self.prefix, stream_id, self.retention_ms, self.globals_ttl_ms, _lost())
         if found is None:
             return None
-        principal, _state, _last = found
-        return _RemoteLog(self, stream_id, principal.decode() or None)
+        principal, _state, last = found
+        return _RemoteLog(self, stream_id, principal.decode() or None, int(last))
 
     def discard(self, stream_id: str) -> None:
         # Redis forgets the stream by itself (every key has a TTL); this process, its copy.
@@ -690,7 +722,7 @@ class RedisStreamStore(StreamStore):
         self._metrics = snapshot
 
     async def gather_metrics(self, own: bytes) -> Mapping[str, bytes] | None:
-        found = await self.calls("METRICS", self.prefix, self.process, own, int(METRICS_TTL * 1000))
+        found = await self.calls("METRICS", self.prefix, self.process, own, int(METRICS_TTL * 1000), 1)
         return {found[i].decode(): found[i + 1] for i in range(0, len(found), 2)}
 
     async def _heartbeat(self) -> None:
@@ -699,7 +731,9 @@ class RedisStreamStore(StreamStore):
             await asyncio.sleep(HEARTBEAT)
             if self._metrics is not None:
                 # A scrape of any process is then at most a heartbeat behind this one.
-                self.spawn(self.gather_metrics(self._metrics()))
+                self.spawn(
+                    self.calls("METRICS", self.prefix, self.process, self._metrics(), int(METRICS_TTL * 1000), 0)
+                )
             owned, reading = list(self._owners), list(self._reading)
             if not owned and not reading:
                 continue
@@ -741,7 +775,7 @@ class RedisStreamStore(StreamStore):
                     owner = self._owners.get(message["data"].decode())
                     if owner is not None:
                         owner.stop_requested()
-            except _UNREACHABLE as exc:
+            except (redis_errors.RedisError, OSError) as exc:
                 logger.debug("cancellation listener: redis is unreachable: %r", exc)
                 await asyncio.sleep(_RETRY)
             finally:

@@ -168,6 +168,7 @@ redis.call('HSET', meta, 'owner', owner, 'client', client, 'principal', principa
   'state', 'running', 'first', 1, 'last', 0)
 redis.call('SET', key('lease', id), owner, 'PX', lease)
 redis.call('HSETNX', P .. ':sizes', id, 0)
+redis.call('INCRBY', P .. ':total', 0)
 expire_stream(id, ttl, now)
 keep_globals(globals_ttl)
 return 'ok'
@@ -195,8 +196,10 @@ if last == expected + n then return 'ok' end
 if m[2] ~= 'running' then return 'closed' end
 if last ~= expected then return 'conflict' end
 local now = now_ms()
-sweep(now)
 add(id, kinds, lens, blob, now)
+-- The first event makes the log's key: it expires like the rest. (Renewing every key's TTL, and
+-- forgetting expired streams, is the owner's heartbeat's work, once a second, not every append's.)
+if last == 0 then redis.call('PEXPIRE', key('log', id), ttl) end
 local size = tonumber(redis.call('HGET', P .. ':sizes', id))
 if size > stream_bytes then trim(id, stream_bytes) end
 local total = tonumber(redis.call('GET', P .. ':total'))
@@ -214,10 +217,8 @@ end
 local final = string.sub(kinds, n, n)
 if final == '4' or final == '5' then
   close(id, retention, now)
-else
-  expire_stream(id, ttl, now)
+  keep_globals(globals_ttl)
 end
-keep_globals(globals_ttl)
 return 'ok'
 """
 )
@@ -283,6 +284,8 @@ local function reap(id, retention, globals_ttl, error_json)
   local now = now_ms()
   add(id, '5', tostring(string.len(error_json)), error_json, now)
   close(id, retention, now)
+  -- Owned by no process now: a stalled owner that comes back is told its log is closed.
+  redis.call('HSET', meta, 'owner', '')
   keep_globals(globals_ttl)
   return true
 end
@@ -332,8 +335,9 @@ for i = 7, 6 + owned do
   local m = redis.call('HMGET', meta, 'owner', 'state', 'cancel', 'client')
   if m[1] == owner and m[2] == 'running' then
     redis.call('SET', key('lease', id), owner, 'PX', lease)
-    redis.call('ZADD', P .. ':slots', 'XX', now + lease, id)
-    redis.call('ZADD', P .. ':cs:' .. m[4], 'XX', now + lease, id)
+    -- Not XX: a slot that lapsed while this process stalled counts again.
+    redis.call('ZADD', P .. ':slots', now + lease, id)
+    redis.call('ZADD', P .. ':cs:' .. m[4], now + lease, id)
     redis.call('PEXPIRE', P .. ':cs:' .. m[4], ttl)
     expire_stream(id, ttl, now)
     local readers = key('readers', id)
@@ -345,9 +349,14 @@ for i = 7, 6 + owned do
     out[#out + 1] = {0, 0, 1}
   end
 end
+-- Registrations as a reader are renewed, or made again if they lapsed while this process stalled.
 for i = 7 + owned, #ARGV do
-  local readers = key('readers', ARGV[i])
-  if redis.call('ZSCORE', readers, owner) then redis.call('ZADD', readers, now + lease, owner) end
+  local id = ARGV[i]
+  if redis.call('HGET', key('meta', id), 'state') == 'running' then
+    local readers = key('readers', id)
+    redis.call('ZADD', readers, now + lease, owner)
+    redis.call('PEXPIRE', readers, ttl)
+  end
 end
 redis.call('PEXPIRE', key('inbox', owner), INBOX_TTL)
 keep_globals(globals_ttl)

@@ -159,6 +159,7 @@ class Generation:
         self._followers: list[Reader] = []
         self.outcome = "running"
         self._started = False
+        self._cancelled = False
         self._finished = False
         self._stop_reason: RelayError | None = None
         self._abandon: asyncio.TimerHandle | None = None
@@ -273,7 +274,10 @@ class Generation:
             self._stop_reason = reason
         # A task cancelled before its first step would never run its body (and so
         # never finish the log); one that has not started sees the reason on entry.
-        if self._started:
+        # It is cancelled once: a second cancellation (a Stop heard twice) would land in
+        # the middle of writing the log's end.
+        if self._started and not self._cancelled:
+            self._cancelled = True
             assert self.task is not None
             self.task.cancel()
         return True
@@ -335,13 +339,19 @@ class Generation:
             logger.exception("stream %s failed", self.id)
             failure = RelayError("the relay failed unexpectedly; see the server log")
         finally:
-            if failure is not None:
-                self.outcome = failure.code
-                with contextlib.suppress(LogClosed):
+            try:
+                if failure is not None:
+                    self.outcome = failure.code
+                    metrics.count_event("error")
                     await self._append([encode(failure.event())])
-                metrics.count_event("error")
-            await log.finish()
-            self._wake_followers_at_end()
+            except LogClosed:
+                pass  # Ended elsewhere meanwhile: the log has its end.
+            except RelayError as exc:
+                # The store failed to take the end too; a shared one ends the stream for everyone else.
+                logger.warning("stream %s: its last event could not be logged: %s", self.id, exc.message)
+            finally:
+                await log.finish()
+                self._wake_followers_at_end()
             duration = loop.time() - started
             metrics.stream_ended(
                 self.outcome,
@@ -393,8 +403,8 @@ def _logfmt(value: object) -> str:
     return text
 
 
-async def _until_finished(log: StreamLog) -> None:
-    """Wait until ``log`` has its last event (or a reader could no longer catch up with it)."""
+async def _until_finished(log: StreamLog, after: int = 0) -> None:
+    """Wait until ``log``, read from ``after`` on, has its last event (or a reader could not catch up with it)."""
     loop = asyncio.get_running_loop()
     woken = loop.create_future()
 
@@ -403,7 +413,6 @@ async def _until_finished(log: StreamLog) -> None:
             woken.set_result(None)
 
     log.subscribe(wake)
-    after = 0
     try:
         while True:
             events, finished = await log.read(after)
@@ -538,7 +547,7 @@ class Streams:
         if log is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(5), self.reading(stream_id):
-                    await _until_finished(log)
+                    await _until_finished(log, log.last_known)
         return True
 
     def _expire_later(self, stream_id: str) -> None:

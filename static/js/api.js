@@ -9,6 +9,24 @@
 
 const MAX_RESUMES = 8;
 
+// A stream the server took longer than this to generate…
+const BURST_MIN_DURATION_MS = 1000;
+// …whose events reached the page within this share of that time arrived in one burst.
+const BURST_SHARE = 0.25;
+
+/**
+ * Whether a stream arrived at the page in one burst although the server took over a second to
+ * generate it: the mark of a proxy that holds the response until it is complete. `arrival` is
+ * when the page read the stream's first and last events; `done` is the stream's done event,
+ * whose duration_ms is the server's generation time. Straight from the relay, the first event
+ * (meta) arrives as the generation starts and the last as it ends, about duration_ms apart.
+ */
+export function arrivedInOneBurst(arrival, done) {
+  const duration = done && done.duration_ms;
+  if (!(duration > BURST_MIN_DURATION_MS) || arrival.first === null) return false;
+  return arrival.last - arrival.first < duration * BURST_SHARE;
+}
+
 /** An error the relay answered before a stream began: {status, code, message}. */
 export class ApiError extends Error {
   constructor(status, code, message, retryAfter) {
@@ -53,15 +71,19 @@ export class Api {
    * Start a generation and follow it to its end, resuming after drops.
    * @param {object} body the POST /stream body
    * @param {(event: object) => void} onEvent called once per contract event, in order
-   * @returns {{done: Promise<void>, stop: () => Promise<void>}}
+   * @returns {{done: Promise<void>, stop: () => Promise<void>, arrival: {first: ?number, last: ?number}}}
+   *   `arrival`: when the first and the latest event were read (performance.now())
    */
   stream(body, onEvent) {
     const controller = new AbortController();
+    const arrival = { first: null, last: null };
     let streamId = null;
     let seq = 0;
     let ended = false;
     let stopped = false;
-    const take = (event) => {
+    const take = (event, at) => {
+      if (arrival.first === null) arrival.first = at;
+      arrival.last = at;
       seq += 1;
       if (event.type === "meta") streamId = event.stream;
       if (event.type === "done" || event.type === "error") ended = true;
@@ -112,7 +134,7 @@ export class Api {
         await fetch(`stream/${encodeURIComponent(streamId)}/cancel`, { method: "POST", headers: this.headers() });
       }
     };
-    return { done: run(), stop };
+    return { done: run(), stop, arrival };
   }
 }
 
@@ -127,11 +149,12 @@ async function readLines(response, onEvent) {
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
+    const at = performance.now(); // when these bytes reached the page, before any work on them
     buffer += decoder.decode(value, { stream: true });
     let start = 0;
     let newline = buffer.indexOf("\n");
     while (newline !== -1) {
-      if (newline > start) onEvent(JSON.parse(buffer.slice(start, newline)));
+      if (newline > start) onEvent(JSON.parse(buffer.slice(start, newline)), at);
       start = newline + 1;
       newline = buffer.indexOf("\n", start);
     }

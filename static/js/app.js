@@ -1,8 +1,9 @@
-// The chat page: conversations, settings, sending, stopping, regenerating.
+// The chat page: conversations (list, search, export, import), settings, sending, stopping, regenerating.
 
-import { Api, ApiError } from "./api.js";
-import { warmUp } from "./markdown.js";
-import { newChat, store } from "./store.js";
+import { Api, ApiError, arrivedInOneBurst } from "./api.js";
+import { frames, warmUp } from "./markdown.js";
+import { StorageProblem, newChat, newId, openHistory, store } from "./store.js";
+import { download, fromJson, toJson, toMarkdown } from "./transfer.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
 
 const $ = (id) => document.getElementById(id);
@@ -14,6 +15,12 @@ const ui = {
   send: $("send"),
   stop: $("stop"),
   chatList: $("chat-list"),
+  search: $("search"),
+  importButton: $("import"),
+  importFile: $("import-file"),
+  exportMenu: $("export-menu"),
+  notice: $("notice"),
+  noticeText: $("notice-text"),
   title: $("chat-title"),
   announcer: $("announcer"),
   sidebar: $("sidebar"),
@@ -29,15 +36,38 @@ const ui = {
 };
 
 const api = new Api(() => store.token());
-let chats = store.chats();
+let conversations = null; // where they are kept (see store.js), once open
+let chats = []; // every conversation's {id, title, updated}
+let current = null; // the open conversation, whole
+let matches = null; // ids of the conversations whose messages match the search box
 let settings = store.settings();
 let models = [];
-let current = null;
 let running = null; // {handle, view, stopped}
 
 function save() {
   current.updated = Date.now();
-  store.saveChats(chats);
+  persist(current);
+}
+
+/** Store a conversation, and say so on the page if the browser will not. */
+function persist(chat) {
+  const entry = chats.find((c) => c.id === chat.id);
+  if (entry) Object.assign(entry, { title: chat.title, updated: chat.updated });
+  else chats.push({ id: chat.id, title: chat.title, updated: chat.updated });
+  return conversations.save(chat).then(
+    () => {
+      if (ui.notice.dataset.kind === "storage" && !conversations.problem) showNotice(null);
+      if (ui.search.value.trim()) search(); // the list shows what matches now
+    },
+    (error) => showNotice(error instanceof StorageProblem ? error.message : String(error), "storage"),
+  );
+}
+
+/** A message above the conversation (storage refused or full, an import that failed); null hides it. */
+function showNotice(text, kind = "") {
+  ui.notice.hidden = text === null;
+  ui.noticeText.textContent = text ?? "";
+  ui.notice.dataset.kind = kind;
 }
 
 function announce(text) {
@@ -50,27 +80,52 @@ function announce(text) {
 
 function renderChatList() {
   ui.chatList.replaceChildren();
-  for (const chat of [...chats].sort((a, b) => b.updated - a.updated)) {
+  const query = ui.search.value.trim().toLowerCase();
+  const shown = [...chats]
+    .sort((a, b) => b.updated - a.updated)
+    .filter((chat) => !query || chat.title.toLowerCase().includes(query) || (matches && matches.has(chat.id)));
+  for (const chat of shown) {
     const item = document.createElement("li");
     const open = document.createElement("button");
     open.type = "button";
     open.className = "chat-open";
     open.textContent = chat.title;
-    if (chat === current) open.setAttribute("aria-current", "true");
-    open.addEventListener("click", () => openChat(chat));
+    if (current && chat.id === current.id) open.setAttribute("aria-current", "true");
+    open.addEventListener("click", () => openChat(chat.id));
     const remove = document.createElement("button");
     remove.type = "button";
     remove.className = "chat-delete";
     remove.textContent = "Delete";
     remove.setAttribute("aria-label", `Delete “${chat.title}”`);
-    remove.addEventListener("click", () => deleteChat(chat));
+    remove.addEventListener("click", () => deleteChat(chat.id));
     item.append(open, remove);
     ui.chatList.append(item);
   }
+  if (query && !shown.length) {
+    const none = document.createElement("li");
+    none.className = "chat-none";
+    none.textContent = "No conversation matches.";
+    ui.chatList.append(none);
+  }
 }
 
-function openChat(chat) {
+let opening = null; // the conversation being read from storage, if any
+
+async function openChat(id) {
   if (running) stop();
+  opening = id;
+  const chat = current && current.id === id ? current : await conversations.load(id);
+  if (opening !== id) return; // another one was chosen meanwhile
+  opening = null;
+  if (chat) showChat(chat);
+  else {
+    chats = chats.filter((c) => c.id !== id); // deleted in another tab
+    renderChatList();
+  }
+}
+
+function showChat(chat) {
+  if (current && current.id !== chat.id && !current.messages.length) forget(current.id); // an empty one is not kept
   current = chat;
   renderChat();
   renderChatList();
@@ -79,21 +134,29 @@ function openChat(chat) {
 }
 
 function startNewChat() {
+  if (running) stop();
+  if (current && !current.messages.length) return showChat(current); // one empty conversation is enough
   const chat = newChat();
-  chats.push(chat);
-  openChat(chat);
+  chats.push({ id: chat.id, title: chat.title, updated: chat.updated });
+  showChat(chat);
 }
 
-function deleteChat(chat) {
-  if (running && chat === current) stop();
-  chats = chats.filter((c) => c !== chat);
-  store.saveChats(chats);
-  if (chat === current) {
-    if (chats.length) openChat(chats.reduce((a, b) => (a.updated > b.updated ? a : b)));
-    else startNewChat();
-  } else {
-    renderChatList();
-  }
+function newest() {
+  return chats.reduce((a, b) => (a && a.updated > b.updated ? a : b), null);
+}
+
+function forget(id) {
+  chats = chats.filter((c) => c.id !== id);
+  conversations.remove(id).catch(() => showNotice("The browser would not delete that conversation.", "storage"));
+}
+
+function deleteChat(id) {
+  if (running && id === current.id) stop();
+  forget(id);
+  renderChatList();
+  if (id !== current.id) return;
+  if (chats.length) openChat(newest().id);
+  else startNewChat();
 }
 
 function renderChat() {
@@ -113,10 +176,48 @@ function renderChat() {
   ui.messages.scrollTop = ui.messages.scrollHeight;
 }
 
+// --- Search ----------------------------------------------------------------
+
+let searching = 0; // the latest search, so that an older one finishing late changes nothing
+
+async function search() {
+  if (!conversations) return;
+  const query = ui.search.value.trim();
+  const serial = ++searching;
+  const found = query ? await conversations.search(query) : null;
+  if (serial !== searching) return;
+  matches = found;
+  renderChatList();
+}
+
+// --- Export and import ----------------------------------------------------
+
+function exportCurrent(format) {
+  ui.exportMenu.open = false;
+  if (format === "markdown") download(current, "md", "text/markdown", toMarkdown(current));
+  else download(current, "json", "application/json", toJson(current));
+}
+
+async function importFile(file) {
+  let chat;
+  try {
+    chat = fromJson(await file.text());
+  } catch (error) {
+    showNotice(`${file.name} could not be imported: ${error.message}`, "import");
+    return;
+  }
+  if (!chat.id || chats.some((c) => c.id === chat.id)) chat.id = newId(); // already here: import a copy
+  if (ui.notice.dataset.kind === "import") showNotice(null);
+  if (running) stop();
+  await persist(chat);
+  showChat(chat);
+  announce(`Imported “${chat.title}”.`);
+}
+
 // --- Sending -------------------------------------------------------------
 
 function send(text) {
-  if (!text.trim() || running) return;
+  if (!text.trim() || running || !current) return;
   const message = { role: "user", content: text };
   current.messages.push(message);
   if (current.title === "New chat") current.title = text.trim().slice(0, 60);
@@ -165,10 +266,11 @@ function generate() {
   ui.messages.append(view.node);
   const record = { role: "assistant", content: "", reasoning: "" };
   let outcome = {};
-  view.markdown.onFrame = follow;
+  frames.onFrame = follow;
   const handle = api.stream(requestBody(), (event) => {
     if (event.type === "reasoning") view.reason(event.text);
     else if (event.type === "content") view.say(event.text);
+    else if (event.type === "tool_call") view.toolCall(event);
     else if (event.type === "done") outcome = { stats: event };
     else if (event.type === "error") outcome = { error: { code: event.code, message: event.message } };
   });
@@ -186,18 +288,20 @@ function generate() {
       running = null;
       setRunning(false);
       if (stopped) outcome = { ...outcome, stopped: true };
+      if (outcome.stats && arrivedInOneBurst(handle.arrival, outcome.stats)) outcome = { ...outcome, buffered: true };
       Object.assign(record, {
         content: view.content,
         reasoning: view.reasoningSoFar,
         thoughtSeconds: view.thoughtSeconds,
         ...outcome,
       });
+      if (view.calls.size) record.toolCalls = view.toolCalls;
       chat.messages.push(record);
       chat.updated = Date.now();
-      store.saveChats(chats);
+      persist(chat);
       // The live view becomes the stored message as it is: no re-render.
       view.finish(outcome, () => {
-        view.markdown.onFrame = null;
+        frames.onFrame = null;
         requestAnimationFrame(follow);
         announce(outcome.error ? `Error: ${errorWords(outcome.error)}` : "Answer complete.");
       });
@@ -337,11 +441,25 @@ ui.prompt.addEventListener("keydown", (event) => {
 });
 document.addEventListener("keydown", (event) => {
   if (event.key !== "Escape" || ui.settingsDialog.open || ui.tokenDialog.open) return;
-  if (ui.sidebar.classList.contains("open")) showSidebar(false);
+  if (ui.exportMenu.open) ui.exportMenu.open = false;
+  else if (ui.sidebar.classList.contains("open")) showSidebar(false);
   else if (running) stop();
 });
 ui.stop.addEventListener("click", stop);
 $("new-chat").addEventListener("click", startNewChat);
+ui.search.addEventListener("input", search);
+ui.importButton.addEventListener("click", () => ui.importFile.click());
+ui.importFile.addEventListener("change", () => {
+  const [file] = ui.importFile.files;
+  ui.importFile.value = "";
+  if (file) importFile(file);
+});
+$("export-markdown").addEventListener("click", () => exportCurrent("markdown"));
+document.addEventListener("click", (event) => {
+  if (ui.exportMenu.open && !ui.exportMenu.contains(event.target)) ui.exportMenu.open = false;
+});
+$("export-json").addEventListener("click", () => exportCurrent("json"));
+$("notice-close").addEventListener("click", () => showNotice(null));
 $("open-settings").addEventListener("click", openSettings);
 function showSidebar(open) {
   ui.sidebar.classList.toggle("open", open);
@@ -353,13 +471,24 @@ document.querySelector(".main").addEventListener("click", (event) => {
   if (ui.sidebar.classList.contains("open") && event.target !== ui.toggleSidebar) showSidebar(false);
 });
 
-if (chats.length) current = chats.reduce((a, b) => (a.updated > b.updated ? a : b));
-else {
-  current = newChat();
-  chats.push(current);
+/** Open the stored conversations (moving the old page's into IndexedDB once) and show the latest. */
+async function start() {
+  conversations = await openHistory();
+  if (conversations.problem) showNotice(conversations.problem, "storage");
+  let chat;
+  try {
+    chats = await conversations.list();
+    const latest = newest();
+    chat = latest && (await conversations.load(latest.id));
+  } catch {
+    showNotice("The browser would not read the stored conversations. New ones may not be kept either.", "storage");
+  }
+  if (chat) showChat(chat);
+  else startNewChat();
+  document.documentElement.dataset.history = "open"; // for tests: the conversations are on the page
 }
-renderChat();
-renderChatList();
+
+start();
 loadModels();
 warmUp();
 ui.prompt.focus();

@@ -1,15 +1,18 @@
-// Live markdown: markdown-it renders, DOMPurify sanitises, highlight.js colours code
-// (once a code block is finished; the one still being written stays plain).
+// Live markdown: markdown-it renders, DOMPurify sanitises, KaTeX draws the math into the
+// sanitised placeholders, highlight.js colours code (once a code block is finished; the one
+// still being written stays plain).
 //
 // Rendering stays linear in the answer's length: text that ends in a blank line
 // outside a code fence is a finished block, rendered once and never again; each
 // animation frame renders at most a budget of finished blocks and re-renders only
 // the unfinished tail. Half a table is held back until its delimiter row arrives,
-// so it never flickers through a paragraph.
+// so it never flickers through a paragraph, and a formula still waiting for its closing
+// delimiter is shown as its source, never as a KaTeX error.
 
 import markdownit from "../vendor/markdown-it-15.0.3.min.js";
 import DOMPurify from "../vendor/purify-3.4.18.es.js";
 import hljs from "../vendor/highlight-11.12.0.min.js";
+import { math, renderMath, warmUpMath } from "./math.js";
 
 // No highlight option: code is highlighted after rendering, from a queue, within
 // each frame's budget (see LiveMarkdown), so that a grammar compiled on first use
@@ -17,16 +20,29 @@ import hljs from "../vendor/highlight-11.12.0.min.js";
 const md = markdownit({
   html: false, // model HTML is shown as text; DOMPurify still checks everything
   linkify: true,
-});
+})
+  .use(math)
+  .use(alignmentAsClasses);
 
-DOMPurify.addHook("uponSanitizeAttribute", (node, data) => {
-  // The page's CSP forbids inline styles; keep markdown-it's table alignment as a class.
-  if (data.attrName === "style") {
-    const align = /text-align:\s*(left|right|center)/.exec(data.attrValue);
-    if (align) node.classList.add(`align-${align[1]}`);
-    data.keepAttr = false;
-  }
-});
+/**
+ * markdown-it writes a table column's alignment as style="text-align:…". The page's CSP forbids
+ * inline styles, and DOMPurify's parser (a document that inherits the page's CSP) reports each one
+ * as a violation even though it is then dropped: write a class instead, before any HTML exists.
+ */
+function alignmentAsClasses(markdown) {
+  markdown.core.ruler.push("alignment_classes", (state) => {
+    for (const token of state.tokens) {
+      const style = token.attrGet("style");
+      if (style === null) continue;
+      token.attrs = token.attrs.filter(([name]) => name !== "style");
+      const align = /text-align:\s*(left|right|center)/.exec(style);
+      if (align) token.attrJoin("class", `align-${align[1]}`);
+    }
+  });
+}
+
+const SANITIZE = { RETURN_DOM_FRAGMENT: true, FORBID_ATTR: ["style"] };
+
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName === "A" && node.hasAttribute("href")) {
     node.setAttribute("target", "_blank");
@@ -34,9 +50,13 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   }
 });
 
-/** Markdown to a sanitised DocumentFragment, with copy buttons on code blocks. */
-export function renderMarkdown(source) {
-  const fragment = DOMPurify.sanitize(md.render(source), { RETURN_DOM_FRAGMENT: true });
+/**
+ * Markdown to a sanitised DocumentFragment, with its math drawn and copy buttons on code blocks.
+ * `streaming`: the text may stop mid-formula (see math.js).
+ */
+export function renderMarkdown(source, { streaming = false } = {}) {
+  const fragment = DOMPurify.sanitize(md.render(source, { streaming }), SANITIZE);
+  renderMath(fragment);
   for (const code of fragment.querySelectorAll("pre > code")) {
     code.classList.add("hljs");
     const button = document.createElement("button");
@@ -63,10 +83,11 @@ const COMMON_LANGUAGES = ["python", "javascript", "typescript", "bash", "json", 
 /** Compile markdown-it, DOMPurify and common grammars while the page is idle, not mid-answer. */
 export function warmUp() {
   const idle = window.requestIdleCallback || ((callback) => setTimeout(callback, 50));
-  const sample = "# a\n\n*b* `c` [d](https://e.example) **e**\n\n| f | g |\n|---|---|\n| 1 | 2 |\n\n- h\n- i\n\n1. j\n";
+  const sample = "# a\n\n*b* `c` [d](https://e.example) **e** $f$\n\n| f | g |\n|---|---|\n| 1 | 2 |\n\n- h\n- i\n\n1. j\n";
   // Several runs, so that V8 optimises the hot paths before the first answer needs them.
   const steps = [
     ...Array.from({ length: 6 }, () => () => renderMarkdown(sample.repeat(4))),
+    warmUpMath,
     ...COMMON_LANGUAGES.map((language) => () => hljs.highlight("x = 1", { language, ignoreIllegals: true })),
   ];
   const next = () => {
@@ -94,9 +115,38 @@ export async function copyText(text, button) {
   }
 }
 
-// Characters of finished markdown rendered per animation frame at most, so that
-// a fast stream (or a long answer reopened from history) never blocks the page.
+// Characters of finished markdown rendered per animation frame at most, all documents on the
+// page together, so that a fast stream (or a long conversation reopened from history) never
+// blocks the page.
 const FRAME_BUDGET = 1200;
+
+/** The page's animation frames: every LiveMarkdown with something to show renders in the same one. */
+class Frames {
+  constructor() {
+    this.waiting = new Set();
+    this.frame = 0;
+    this.onFrame = null; // called at the start of each frame, before it changes the DOM
+  }
+
+  request(live) {
+    this.waiting.add(live);
+    if (!this.frame) this.frame = requestAnimationFrame(() => this.run());
+  }
+
+  run() {
+    this.frame = 0;
+    // Before any change to the DOM, while layout is still clean from the last paint:
+    // reading it here costs nothing, reading it after the changes would force a layout.
+    if (this.onFrame) this.onFrame();
+    const lives = [...this.waiting];
+    this.waiting.clear();
+    // Shared by the documents in page order, so history fills in from the top.
+    const budget = { chars: FRAME_BUDGET, until: performance.now() + 8 };
+    for (const live of lives) live.render(budget);
+  }
+}
+
+export const frames = new Frames();
 
 /** A growing markdown document in `container`, updated at most once per frame. */
 export class LiveMarkdown {
@@ -111,8 +161,6 @@ export class LiveMarkdown {
     this.tail = document.createElement("div");
     this.tail.className = "md-tail";
     container.append(this.tail);
-    this.frame = 0;
-    this.onFrame = null; // called at the start of each frame, before it changes the DOM
     this.onDone = null;
     this.code = []; // finished code blocks waiting to be highlighted
     this.shownTail = ""; // the tail text the DOM shows now
@@ -123,7 +171,7 @@ export class LiveMarkdown {
     this.schedule();
   }
 
-  /** The answer is complete: render the rest, a frame's budget at a time, then call `onDone`. */
+  /** The text is complete: render the rest, a frame's budget at a time, then call `onDone`. */
   finish(onDone) {
     this.final = true;
     this.onDone = onDone;
@@ -131,23 +179,21 @@ export class LiveMarkdown {
   }
 
   schedule() {
-    if (!this.frame) this.frame = requestAnimationFrame(() => this.render());
+    frames.request(this);
   }
 
-  render() {
-    this.frame = 0;
-    // Before any change to the DOM, while layout is still clean from the last paint:
-    // reading it here costs nothing, reading it after the changes would force a layout.
-    if (this.onFrame) this.onFrame();
-    const deadline = performance.now() + 8;
-    while (this.code.length && performance.now() < deadline) highlight(this.code.shift());
+  /** One frame's work, within what is left of the frame's `budget` ({chars, until}). */
+  render(budget) {
+    while (this.code.length && performance.now() < budget.until) highlight(this.code.shift());
     this.findBoundaries();
     if (this.final && this.boundaries.at(-1) !== this.text.length) this.boundaries.push(this.text.length);
-    // Commit finished blocks, up to the budget (always at least one block).
+    // Commit finished blocks up to the budget; the frame's first block always goes, so every frame makes progress.
+    const fresh = budget.chars === FRAME_BUDGET;
     let end = this.stable;
-    while (this.boundaries.length && (end === this.stable || this.boundaries[0] - this.stable <= FRAME_BUDGET)) {
+    while (this.boundaries.length && ((fresh && end === this.stable) || this.boundaries[0] - this.stable <= budget.chars)) {
       end = this.boundaries.shift();
     }
+    budget.chars -= end - this.stable;
     this.commit(end);
     if (this.code.length) this.schedule();
     if (this.boundaries.length) {
@@ -166,7 +212,7 @@ export class LiveMarkdown {
       const tail = withoutHalfTable(this.text.slice(this.stable));
       if (tail !== this.shownTail) {
         this.shownTail = tail;
-        this.tail.replaceChildren(tail ? renderMarkdown(tail) : "");
+        this.tail.replaceChildren(tail ? renderMarkdown(tail, { streaming: true }) : "");
       }
     }
   }

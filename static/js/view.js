@@ -1,7 +1,8 @@
-// The DOM of one conversation. User text and reasoning are text (textContent);
-// only the model's answer goes through markdown-it and DOMPurify.
+// The DOM of one conversation. User text is text (textContent); the model's reasoning and
+// answer go through markdown-it and DOMPurify (see markdown.js).
 
 import { LiveMarkdown, copyText } from "./markdown.js";
+import { ToolCallCard } from "./tools.js";
 
 const ERROR_WORDS = {
   upstream_auth: "The model provider rejected the server's API key.",
@@ -63,23 +64,22 @@ export class AssistantMessage {
     this.thinking = element("details", "thinking");
     this.thinking.hidden = true;
     this.summary = element("summary", null, "Thinking…");
-    this.reasoning = element("div", "reasoning");
-    this.reasoningText = document.createTextNode("");
-    this.reasoning.append(this.reasoningText);
+    this.reasoning = element("div", "reasoning markdown");
+    this.thoughts = new LiveMarkdown(this.reasoning);
     this.thinking.append(this.summary, this.reasoning);
     this.answer = element("div", "answer markdown");
     this.markdown = new LiveMarkdown(this.answer);
+    this.tools = element("div", "tools");
+    this.calls = new Map(); // tool-call cards by index
     this.status = element("p", "status");
     this.status.hidden = true;
     this.stats = element("p", "stats");
     this.actions = element("div", "actions");
-    this.node.append(this.thinking, this.answer, this.status, this.stats, this.actions);
+    this.node.append(this.thinking, this.answer, this.tools, this.status, this.stats, this.actions);
     this.onRetry = onRetry;
     this.onRegenerate = onRegenerate;
     this.content = "";
     this.reasoningSoFar = "";
-    this.pendingReasoning = "";
-    this.frame = 0;
     this.thinkingStarted = 0;
     this.thinkingEnded = 0;
     this.timer = 0;
@@ -93,21 +93,30 @@ export class AssistantMessage {
       this.timer = setInterval(() => this.tick(), 100);
     }
     this.reasoningSoFar += text;
-    this.pendingReasoning += text;
-    if (!this.frame) {
-      this.frame = requestAnimationFrame(() => {
-        this.frame = 0;
-        if (this.markdown.onFrame) this.markdown.onFrame(); // before the change, as LiveMarkdown does
-        this.reasoningText.appendData(this.pendingReasoning);
-        this.pendingReasoning = "";
-      });
-    }
+    this.thoughts.append(text);
   }
 
   say(text) {
     if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
     this.content += text;
     this.markdown.append(text);
+  }
+
+  /** A fragment of a tool call: its card is made on the first fragment of its index. */
+  toolCall(event) {
+    if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
+    let card = this.calls.get(event.index);
+    if (!card) {
+      card = new ToolCallCard();
+      this.calls.set(event.index, card);
+      this.tools.append(card.node);
+    }
+    card.add(event);
+  }
+
+  /** The tool calls, in the order the model made them, as they are kept in history. */
+  get toolCalls() {
+    return [...this.calls.values()].map((card) => card.toJSON());
   }
 
   tick() {
@@ -124,25 +133,48 @@ export class AssistantMessage {
     this.thinking.open = false;
   }
 
-  /** Flush what is pending; once the answer is fully rendered, show the outcome and call `onShown`. */
-  finish({ stats, error, stopped } = {}, onShown) {
-    if (this.frame) cancelAnimationFrame(this.frame);
-    this.frame = 0;
-    this.reasoningText.appendData(this.pendingReasoning);
-    this.pendingReasoning = "";
+  /** Once the reasoning and the answer are fully rendered, show the outcome and call `onShown`. */
+  finish(outcome = {}, onShown) {
     if (this.thinkingStarted && !this.thinkingEnded) this.endThinking();
-    this.markdown.finish(() => {
-      this.node.setAttribute("aria-busy", "false");
-      if (stats) this.stats.textContent = describeStats(stats);
-      if (stopped) this.showStatus("Stopped.");
-      if (error) {
-        this.showStatus(errorWords(error), true);
-        if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
-      }
-      if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget), "copy"));
-      if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate, "regenerate"));
-      if (onShown) onShown();
-    });
+    let rendering = 2;
+    const rendered = () => {
+      rendering -= 1;
+      if (rendering === 0) this.showOutcome(outcome, onShown);
+    };
+    this.thoughts.finish(rendered);
+    this.markdown.finish(rendered);
+  }
+
+  showOutcome({ stats, error, stopped, buffered }, onShown) {
+    this.node.setAttribute("aria-busy", "false");
+    if (stats) this.stats.textContent = describeStats(stats);
+    for (const card of this.calls.values()) card.end(error || stopped ? "interrupted" : "requested");
+    if (stats && stats.finish_reason === "tool_calls" && !this.content) {
+      const names = [...this.calls.values()].map((card) => card.name).join(", ");
+      this.showStatus(`The model asked to call ${names || "a tool"} instead of answering. This page does not run tools.`);
+    }
+    if (stopped) this.showStatus("Stopped.");
+    if (buffered && stats) this.warnBuffering(stats.duration_ms);
+    if (error) {
+      this.showStatus(errorWords(error), true);
+      if (this.onRetry) this.actions.append(button("Retry", this.onRetry, "retry"));
+    }
+    if (this.content) this.actions.append(button("Copy", (e) => copyText(this.content, e.currentTarget), "copy"));
+    if (this.onRegenerate) this.actions.append(button("Regenerate", this.onRegenerate, "regenerate"));
+    if (onShown) onShown();
+  }
+
+  /** The answer reached the page all at once although it took `durationMs` to generate: name the cause. */
+  warnBuffering(durationMs) {
+    const seconds = (durationMs / 1000).toFixed(1);
+    const warning = element(
+      "p",
+      "warning buffering",
+      `This answer took ${seconds} s to write but reached your browser all at once, at the end: a proxy ` +
+        "or CDN between you and the server is buffering the stream, so answers seem slow. Whoever runs the " +
+        "server can turn that off: see “A proxy that buffers” under Deploying in thinkstream's README.",
+    );
+    this.node.insertBefore(warning, this.actions);
   }
 
   showStatus(text, isError = false) {
@@ -157,14 +189,15 @@ export class AssistantMessage {
     const view = new AssistantMessage(handlers);
     if (message.reasoning) {
       view.thinking.hidden = false;
-      view.reasoningText.appendData(message.reasoning);
+      view.thoughts.append(message.reasoning);
       view.reasoningSoFar = message.reasoning;
       view.summary.textContent =
         message.thoughtSeconds != null ? `Thought for ${message.thoughtSeconds.toFixed(1)} s` : "Thinking";
     }
     view.content = message.content || "";
     view.markdown.append(view.content);
-    view.finish({ stats: message.stats, error: message.error, stopped: message.stopped });
+    (message.toolCalls || []).forEach((call, index) => view.toolCall({ index, ...call }));
+    view.finish({ stats: message.stats, error: message.error, stopped: message.stopped, buffered: message.buffered });
     return view;
   }
 

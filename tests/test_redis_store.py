@@ -1,0 +1,211 @@
+"""What only a shared store must get right: a stream ended elsewhere, a stream Redis lost, views that race.
+
+Two ``RedisStreamStore``s on one real ``redis-server`` play two relay
+processes; a third connection plays what happens to Redis behind their backs
+(a lease that lapses while its owner stalls, keys that vanish in a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from helpers import RedisServer
+
+from handlers.stores.log import LogClosed
+from handlers.stores.redis import RedisStreamStore, connect
+
+KIB = 1024
+META = ("meta", b'{"type":"meta"}')
+
+
+def content(text: str) -> tuple[str, bytes]:
+    return "content", orjson.dumps({"type": "content", "text": text})
+
+
+@pytest.fixture
+async def pair(shared_redis: RedisServer) -> AsyncIterator[tuple[RedisStreamStore, RedisStreamStore]]:
+    """The store of the process running a stream, and the store of another process."""
+    prefix = f"test-{secrets.token_hex(4)}"
+    stores, clients = [], []
+    for _ in range(2):
+        client = connect(shared_redis.url)
+        store = RedisStreamStore(
+            client,
+            prefix=prefix,
+            retention=60,
+            stream_bytes=64 * KIB,
+            total_bytes=64 * KIB,
+            max_streams=100,
+            client_streams=100,
+        )
+        store.start()
+        stores.append(store)
+        clients.append(client)
+    yield stores[0], stores[1]
+    for store, client in zip(stores, clients, strict=True):
+        await store.close()
+        await client.aclose()
+
+
+@pytest.fixture
+async def admin(shared_redis: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    async with aioredis.Redis.from_url(shared_redis.url) as client:
+        yield client
+
+
+async def ends(log: Any) -> list[tuple[int, str, dict[str, Any]]]:
+    events, finished = await log.read(0)
+    assert events is not None and finished
+    return [(seq, kind, orjson.loads(data)) for seq, kind, data in events]
+
+
+async def test_a_stalled_owner_whose_stream_was_ended_elsewhere_may_append_no_more(
+    pair: tuple[RedisStreamStore, RedisStreamStore], admin: aioredis.Redis
+) -> None:
+    owner, other = pair
+    log = await owner.create("s", client="c")
+    await log.append([META])
+    # The owner stalls past its lease; another process, opening the stream, ends it.
+    await admin.delete(owner.key("lease", "s"))
+    seen = await other.get("s")
+    assert seen is not None
+
+    # The stalled owner comes back with a one-event batch, as long as the reaper's own.
+    with pytest.raises(LogClosed):
+        await log.append([content("late")])
+    await log.finish()  # as its generation does on LogClosed
+
+    everywhere = await ends(seen)
+    assert [kind for _, kind, _ in everywhere] == ["meta", "error"]
+    assert everywhere[-1][2]["code"] == "generation_lost" and everywhere[-1][2]["retryable"] is True
+    assert await ends(log) == everywhere, "the owner's own readers get the same end as everyone"
+
+
+async def test_a_stream_redis_lost_ends_for_the_owners_readers_with_a_retryable_error(
+    pair: tuple[RedisStreamStore, RedisStreamStore], admin: aioredis.Redis
+) -> None:
+    owner, _ = pair
+    log = await owner.create("s", client="c")
+    await log.append([META, content("a")])
+    # What a restart without persistence (or a flush) does to the stream.
+    await admin.delete(*[owner.key(kind, "s") for kind in ("meta", "log", "lease")])
+
+    with pytest.raises(LogClosed):
+        await log.append([content("b")])
+    await log.finish()
+
+    kept = await ends(log)
+    assert [kind for _, kind, _ in kept] == ["meta", "content", "error"]
+    assert kept[-1][2]["code"] == "store_unavailable" and kept[-1][2]["retryable"] is True
+
+
+async def test_a_refused_write_ends_the_stream_in_this_process_and_its_end_is_kept_here(
+    pair: tuple[RedisStreamStore, RedisStreamStore], admin: aioredis.Redis
+) -> None:
+    # Redis answers an error (out of memory, read-only after a failover) rather than nothing.
+    owner, _ = pair
+    log = await owner.create("s", client="c")
+    await log.append([META])
+    await admin.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(Exception) as refused:
+            await log.append([content("a")])
+        assert getattr(refused.value, "code", None) == "store_unavailable"
+        # The generation then logs its error event: this process's readers get it.
+        await log.append([("error", b'{"type":"error","code":"store_unavailable","retryable":true}')])
+        await log.finish()
+    finally:
+        await admin.config_set("maxmemory", "0")
+
+    assert [kind for _, kind, _ in await ends(log)] == ["meta", "error"]
+
+
+@contextlib.asynccontextmanager
+async def slow_answers(server: RedisServer, delay: float) -> AsyncIterator[str]:
+    """A Redis URL whose answers come ``delay`` seconds late: a TCP proxy that holds Redis's bytes back."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, late: float) -> None:
+        with contextlib.suppress(ConnectionError):
+            while data := await reader.read(65536):
+                if late:
+                    await asyncio.sleep(late)
+                writer.write(data)
+        writer.close()
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", server.port)
+        await asyncio.gather(pipe(reader, upstream_writer, 0), pipe(upstream_reader, writer, delay))
+
+    proxy = await asyncio.start_server(connection, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proxy.close()
+
+
+async def test_a_client_ahead_of_the_owners_memory_resumes_on_the_owner_from_redis(
+    shared_redis: RedisServer,
+) -> None:
+    # Another process can serve an event before the owner has had Redis's answer for it; a client
+    # handed back by that process then asks the owner for what comes after it.
+    prefix = f"test-{secrets.token_hex(4)}"
+    settings: dict[str, Any] = {
+        "prefix": prefix,
+        "retention": 60,
+        "stream_bytes": 64 * KIB,
+        "total_bytes": 64 * KIB,
+        "max_streams": 100,
+        "client_streams": 100,
+    }
+    async with slow_answers(shared_redis, 0.5) as slow_url:
+        owner_client, other_client = connect(slow_url), connect(shared_redis.url)
+        owner = RedisStreamStore(owner_client, **settings)
+        other = RedisStreamStore(other_client, **settings)
+        try:
+            log = await owner.create("s", client="c")
+            await log.append([META])
+            appending = asyncio.ensure_future(log.append([content("a"), content("b")]))
+            await asyncio.sleep(0.2)  # in Redis now, its answer still on the way back
+
+            seen = await other.get("s")
+            assert seen is not None
+            served, _ = await seen.read(0)
+            assert served is not None and served.last == 3, "another process serves events 2 and 3 already"
+            resumed, _ = await log.read(2, max_bytes=0)
+            await appending
+        finally:
+            for store, client in ((owner, owner_client), (other, other_client)):
+                await store.close()
+                await client.aclose()
+
+    assert resumed is not None and resumed.first == 3
+
+
+async def test_the_bytes_counted_in_total_are_the_bytes_kept(
+    pair: tuple[RedisStreamStore, RedisStreamStore], admin: aioredis.Redis
+) -> None:
+    # Trimming, evicting finished streams and finishing all keep the count the budget is checked against.
+    owner, _ = pair
+    finished = await owner.create("old", client="c")
+    await finished.append([content("x" * 700) for _ in range(20)])
+    await finished.finish()
+    live = await owner.create("live", client="c")
+    for _ in range(100):
+        await live.append([content("y" * 500)])
+
+    sizes = {k.decode(): int(v) for k, v in (await admin.hgetall(f"{owner.prefix}:sizes")).items()}
+    total = int(await admin.get(f"{owner.prefix}:total"))
+    kept = 0
+    for stream in ("old", "live"):
+        for _, fields in await admin.xrange(owner.key("log", stream)):
+            kept += len(fields[b"d"]) + 32
+    assert total == sum(sizes.values()) == kept
+    assert total <= 64 * KIB
