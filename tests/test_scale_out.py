@@ -32,6 +32,7 @@ from helpers import (
     eventually,
     free_port,
     parse_sse,
+    serve_provider,
     sse,
 )
 
@@ -89,10 +90,7 @@ class Ticking:
 @pytest.fixture
 async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Ticking:
     fake = Ticking()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat_completions)
-    server = await aiohttp_server(app)
-    fake.base_url = str(server.make_url("/v1"))
+    fake.base_url = await serve_provider(aiohttp_server, fake.chat_completions)
     return fake
 
 
