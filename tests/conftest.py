@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import REDIS_SERVER, FakeProvider, RedisServer, RelayFactory
+from helpers import REDIS_SERVER, FakeProvider, RedisServer, RelayFactory, serve_provider
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -20,10 +20,7 @@ from handlers.config import Config
 @pytest.fixture
 async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> FakeProvider:
     fake = FakeProvider()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat_completions)
-    server = await aiohttp_server(app)
-    fake.base_url = str(server.make_url("/v1"))
+    fake.base_url = await serve_provider(aiohttp_server, fake.chat_completions)
     return fake
 
 
@@ -99,23 +96,24 @@ async def browser() -> AsyncIterator[Any]:
             await instance.close()
 
 
-def _need_redis() -> None:
+def _running_redis() -> Iterator[RedisServer]:
+    """A started ``redis-server``, stopped afterwards. Skipped without one, except in CI, where it must be there."""
     if REDIS_SERVER is None:
         if os.environ.get("CI"):
             pytest.fail("redis-server is not installed; .ci/run installs it with apt-get")
         pytest.skip("these tests need Debian's redis-server (apt-get install redis-server)")
-
-
-@pytest.fixture(scope="session")
-def shared_redis() -> Iterator[RedisServer]:
-    """One ``redis-server`` for the whole run; tests keep apart by key prefix (see ``redis_settings``)."""
-    _need_redis()
     server = RedisServer()
     server.start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """One ``redis-server`` for the whole run; tests keep apart by key prefix (see ``redis_settings``)."""
+    yield from _running_redis()
 
 
 @pytest.fixture
@@ -127,10 +125,4 @@ def redis_settings(shared_redis: RedisServer) -> dict[str, Any]:
 @pytest.fixture
 def own_redis() -> Iterator[RedisServer]:
     """A ``redis-server`` of this test's own, which it may stop and start again."""
-    _need_redis()
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _running_redis()

@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from handlers.provider.sse_decoder import SSEDecoder
 
@@ -88,6 +88,16 @@ class FakeProvider:
 
 
 RelayFactory = Callable[..., Awaitable[TestClient[web.Request, web.Application]]]
+
+
+async def serve_provider(
+    aiohttp_server: Callable[..., Awaitable[TestServer]], chat_completions: Callable[..., Awaitable[web.StreamResponse]]
+) -> str:
+    """A fake provider's ``/chat/completions`` handler served on a real port; its base URL."""
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    server = await aiohttp_server(app)
+    return str(server.make_url("/v1"))
 
 
 def sse(*data: Any) -> bytes:

@@ -8,20 +8,10 @@ from __future__ import annotations
 import tracemalloc
 
 import pytest
+from test_store_contract import KIB, event, seqs
 
-from handlers.stores.log import Events, LogGap
+from handlers.stores.log import LogGap
 from handlers.stores.memory import MemoryStreamStore
-
-KIB = 1024
-
-
-def event(i: int, size: int = 10) -> tuple[str, bytes]:
-    return "content", f'{{"n":{i},"pad":"{"x" * size}"}}'.encode()
-
-
-def seqs(read: tuple[Events | None, bool]) -> list[int]:
-    events, _ = read
-    return [] if events is None else [seq for seq, _, _ in events]
 
 
 async def test_a_log_costs_little_more_memory_than_its_events_text() -> None:

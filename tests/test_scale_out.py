@@ -32,6 +32,7 @@ from helpers import (
     eventually,
     free_port,
     parse_sse,
+    serve_provider,
     sse,
 )
 
@@ -89,10 +90,7 @@ class Ticking:
 @pytest.fixture
 async def provider(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Ticking:
     fake = Ticking()
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", fake.chat_completions)
-    server = await aiohttp_server(app)
-    fake.base_url = str(server.make_url("/v1"))
+    fake.base_url = await serve_provider(aiohttp_server, fake.chat_completions)
     return fake
 
 
@@ -381,8 +379,10 @@ async def test_an_owner_that_stalls_past_its_lease_and_its_readers_agree_on_the_
 async def test_a_reader_process_that_stalled_is_counted_again_for_the_disconnect_grace(
     relays: Relays, provider: Ticking, http: aiohttp.ClientSession
 ) -> None:
+    # Stalled past its lease, b looks dead for a moment (a grace shorter than the stall would rightly
+    # end the stream); back, it must count again before the grace runs out.
     provider.count = 600
-    a, b = await relays(2, "--disconnect-grace", "1")
+    a, b = await relays(2, "--disconnect-grace", "4")
     async with started_stream(http, a, count=2) as (_, before):
         follower = await http.get(
             b.url(f"/stream/{before[0].data['stream']}"), headers={"Last-Event-ID": before[-1].id}
@@ -392,7 +392,7 @@ async def test_a_reader_process_that_stalled_is_counted_again_for_the_disconnect
     await asyncio.sleep(11)  # past b's registration as a reader
     b.process.send_signal(signal.SIGCONT)
     await read_events(follower, 3)
-    await asyncio.sleep(4)  # well past the grace, b's client still reading
+    await asyncio.sleep(6)  # well past the grace, b's client still reading
 
     follower.close()
     assert provider.calls[0].hung_up is None, "cancelled although a reader on another process followed"
