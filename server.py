@@ -7,6 +7,7 @@ from here and mount the app wherever they like.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import sys
@@ -17,11 +18,14 @@ from aiohttp import web
 from handlers.app import create_app
 from handlers.config import Config, ConfigError, load_config
 from handlers.provider.providers import configured_providers
-from handlers.runtime import tune_process
+from handlers.runtime import quiet_accept_errors, tune_process
 
 __all__ = ["Config", "app_factory", "create_app", "main"]
 
 logger = logging.getLogger("thinkstream")
+
+# Seconds aiohttp gives requests still under way once the streams are drained (see main).
+_AFTER_DRAIN = 0.5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -49,7 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.info("relaying to %s at %s: %s", provider.name, provider.public_url, models)
         logger.info("default model %s", config.default_model)
     app = create_app(config)
-    tune_process()
+    tune_process(config.max_streams)
+    loop = asyncio.new_event_loop()
+    quiet_accept_errors(loop)
     listening = False
 
     def announce(banner: str) -> None:
@@ -66,9 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # No access log: GET /stream URLs carry the user's prompt.
             access_log=None,
             print=announce,
-            # The app drains its streams first (up to shutdown_timeout); then connections get a
-            # few seconds to flush their last events before aiohttp cancels what is left.
-            shutdown_timeout=config.shutdown_timeout + 5,
+            # Not the whole shutdown's: aiohttp first closes the listener and idle connections, then
+            # the app drains its streams (up to --shutdown-timeout, ending the rest with server_shutdown),
+            # then aiohttp gives every request still under way this long before it cancels it (and as
+            # long again to end): a stream's last event, or a body that is still coming.
+            shutdown_timeout=_AFTER_DRAIN,
+            loop=loop,
         )
     except OSError as exc:
         if listening:
@@ -82,8 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def app_factory() -> web.Application:
     """The app configured from the environment, for process managers such as gunicorn:
     ``gunicorn 'server:app_factory' --worker-class aiohttp.GunicornWebWorker``."""
-    app = create_app(load_config([], os.environ))
-    tune_process()
+    config = load_config([], os.environ)
+    app = create_app(config)
+    tune_process(config.max_streams)
+    quiet_accept_errors(asyncio.get_running_loop())
     return app
 
 

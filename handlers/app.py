@@ -18,12 +18,13 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from .config import Config
-from .errors import RelayError, error_response, http_error_response
-from .keys import access_key, client_session_key, config_key, providers_key, redis_key, streams_key
+from .errors import ProtocolLog, RelayError, error_response, http_error_response
+from .keys import access_key, client_session_key, config_key, origins_key, providers_key, redis_key, streams_key
 from .provider import demo
 from .provider.providers import ProviderTable
 from .routes import ops, page
 from .routes.access import Access, client_key
+from .routes.origins import Origins
 from .routes.stream import DEMO_ROUTE, cancel_stream, resume_stream, start_stream
 from .stores.log import StreamStore
 from .stores.memory import MemoryStreamStore
@@ -40,8 +41,9 @@ _PUBLIC = frozenset({"index", "static", "healthz", "readyz", "demo-models", DEMO
 
 def create_app(config: Config) -> web.Application:
     """The relay, its demo model and its page, configured by ``config``."""
-    app = web.Application(middlewares=[_json_errors, _access])
+    app = web.Application(middlewares=[_json_errors, _hosts, _access], handler_args={"logger": ProtocolLog()})
     app[config_key] = config
+    app[origins_key] = Origins(config)
     app[providers_key] = ProviderTable(config)
     app.cleanup_ctx.append(_client_session)
     app.cleanup_ctx.append(_redis)
@@ -65,11 +67,17 @@ def create_app(config: Config) -> web.Application:
             web.get("/", page.index, name="index"),
             web.get("/healthz", ops.healthz, name="healthz"),
             web.get("/readyz", ops.readyz, name="readyz"),
-            web.get("/demo/v1/models", demo.models, name="demo-models"),
-            web.post("/demo/v1/chat/completions", demo.chat_completions, name=DEMO_ROUTE),
             web.static("/static", page.STATIC_DIR, name="static"),
         ]
     )
+    if config.uses_demo:
+        # Only while it is the relay's provider: with a real one it would be an open, unlimited route.
+        app.add_routes(
+            [
+                web.get("/demo/v1/models", demo.models, name="demo-models"),
+                web.post("/demo/v1/chat/completions", demo.chat_completions, name=DEMO_ROUTE),
+            ]
+        )
     if config.cors_origins:
         _allow_cross_origin(app, config, api)
     return app
@@ -185,17 +193,26 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except asyncio.CancelledError:
         raise
     except Exception:
-        logger.exception("unhandled error on %s %s", request.method, request.path)
+        # Quoted: the decoded path may hold a newline, and a crafted URL would forge log lines.
+        logger.exception("unhandled error on %s %r", request.method, request.path)
         return error_response(RelayError("the server failed unexpectedly; see its log"))
 
 
 @web.middleware
+async def _hosts(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every route: a Host this relay answers to (see routes/origins.py)."""
+    request.config_dict[origins_key].check_host(request)
+    return await handler(request)
+
+
+@web.middleware
 async def _access(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """API routes: a valid token when tokens are set, and the client's request rate."""
+    """API routes: a page of an allowed origin, a valid token when tokens are set, and the client's request rate."""
     resource = request.match_info.route.resource
     if resource is None or resource.name in _PUBLIC or request.method == "OPTIONS":
         # No such route (a 404 follows), a public one, or a CORS preflight, which carries no credentials.
         return await handler(request)
+    request.config_dict[origins_key].check_origin(request)
     access = request.config_dict[access_key]
     try:
         client = access.client(request)

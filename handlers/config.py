@@ -202,9 +202,17 @@ class Config:
         env=["THINKSTREAM_MAX_BODY_BYTES"],
         flag="--max-body-bytes",
     )
+    body_timeout: float = _setting(
+        30.0,
+        "Seconds a request's body may take to arrive once its headers have (longer: 408, and the "
+        "connection is closed).",
+        env=["THINKSTREAM_BODY_TIMEOUT"],
+        flag="--body-timeout",
+    )
     max_line_bytes: int = _setting(
         1 << 20,
-        "Longest line accepted from the provider's stream, in bytes.",
+        "Longest line accepted from the provider's stream, in bytes; the data lines of one event together "
+        "are held to the same bound.",
         env=["THINKSTREAM_MAX_LINE_BYTES"],
         flag="--max-line-bytes",
     )
@@ -267,6 +275,13 @@ class Config:
         env=["THINKSTREAM_TRUSTED_PROXIES"],
         flag="--trusted-proxies",
     )
+    ipv6_prefix: int = _setting(
+        64,
+        "Length of the network prefix that makes one IPv6 client for the per-client limits (a host "
+        "commonly has a whole /64); 128 tells every address apart.",
+        env=["THINKSTREAM_IPV6_PREFIX"],
+        flag="--ipv6-prefix",
+    )
     cors_origins: tuple[str, ...] = _setting(
         (),
         "Comma-separated origins (scheme://host[:port]) whose pages may call the API from a "
@@ -279,6 +294,14 @@ class Config:
         "Let those origins send credentials (cookies, HTTP authentication) with their requests.",
         env=["THINKSTREAM_CORS_CREDENTIALS"],
         flag="--cors-credentials",
+    )
+    allowed_hosts: tuple[str, ...] = _setting(
+        (),
+        "Comma-separated host names (Host header, any port) the relay answers to besides localhost, "
+        "127.0.0.1 and [::1], or * for any. Unset, only requests that arrive over loopback are "
+        "checked; set, every request is. Other names get 421, which stops DNS rebinding.",
+        env=["THINKSTREAM_ALLOWED_HOSTS"],
+        flag="--allowed-hosts",
     )
     redis_url: str | None = _setting(
         None,
@@ -373,6 +396,7 @@ def _validate(config: Config) -> None:
         "retention",
         "stall_timeout",
         "shutdown_timeout",
+        "body_timeout",
     ):
         value = getattr(config, name)
         if not (value > 0 and math.isfinite(value)):
@@ -399,6 +423,8 @@ def _validate(config: Config) -> None:
         limits.parse(config.rate_limit)
     except ValueError:
         raise ConfigError(f"rate limit {config.rate_limit!r} is not of the form N/second, N/minute or N/hour") from None
+    if not 1 <= config.ipv6_prefix <= 128:
+        raise ConfigError(f"ipv6_prefix must be between 1 and 128 bits, not {config.ipv6_prefix}")
     for proxy in config.trusted_proxies:
         try:
             ipaddress.ip_network(proxy, strict=False)
@@ -408,6 +434,9 @@ def _validate(config: Config) -> None:
         url = URL(origin)
         if origin != "*" and (url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/")):
             raise ConfigError(f"CORS origin {origin!r} must look like https://example.com")
+    for host in config.allowed_hosts:
+        if host != "*" and (not host.strip("[].") or any(c in host for c in " /@?#") or "://" in host):
+            raise ConfigError(f"allowed host {host!r} must be a host name such as chat.example.com, or *")
     if config.cors_credentials and "*" in config.cors_origins:
         raise ConfigError("CORS credentials cannot be allowed for every origin ('*'): list the origins")
     if any(not t or t != t.strip() for t in config.tokens):

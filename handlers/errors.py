@@ -9,14 +9,19 @@ after it has.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import re
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 __all__ = [
     "ClientGone",
     "ConfigError",
+    "ProtocolLog",
     "RelayError",
     "RequestError",
     "StoreUnavailable",
@@ -26,6 +31,8 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "error_response",
+    "excerpt",
+    "let_go_of_cancellation",
     "redact",
     "server_busy",
     "too_many_streams",
@@ -148,6 +155,19 @@ class ClientGone(Exception):
     """The downstream client closed its connection; there is no one to tell."""
 
 
+def let_go_of_cancellation(task: asyncio.Future[Any]) -> None:
+    """A done callback: take the CancelledError a cancelled task keeps until someone asks for its result.
+
+    Its traceback holds the frames the cancellation passed through, and those
+    hold the task (a generation holds its task, so does a timeout): a cycle
+    per cancelled task, which only the garbage collector would free, and it
+    runs seldom (see handlers/runtime.py).
+    """
+    if task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            task.result()
+
+
 class ConfigError(ValueError):
     """A setting is missing or has a value the relay cannot use (it stops start-up, never a stream)."""
 
@@ -175,12 +195,19 @@ _HTTP_CODES: dict[int, str] = {
 }
 
 
+# Errors after which the connection cannot carry another request: a body that never came (RFC 9110
+# §15.5.9: the server closes a connection it timed out), or one that could not be decoded.
+_CLOSING = frozenset({"body_timeout", "unreadable_body"})
+
+
 def error_response(error: RelayError) -> web.Response:
     """The JSON answer for an error found before any stream started."""
     body = {"error": {"code": error.code, "message": error.message}}
     response = web.json_response(body, status=error.http_status)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(error.retry_after)
+    if error.code in _CLOSING:
+        response.force_close()
     if error.http_status == 401:
         # RFC 9110 §11.6.1: a 401 names the scheme it wants (RFC 6750 §3 for Bearer).
         response.headers["WWW-Authenticate"] = 'Bearer realm="thinkstream"'
@@ -198,16 +225,74 @@ def http_error_response(exc: web.HTTPException) -> web.Response:
     return response
 
 
+class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's connection log (``aiohttp.server``), with a request its parser refused as one line.
+
+    aiohttp answers a request it cannot parse (an over-long URL or header, an
+    unknown method, a bare CR, a NUL) with its own plain-text 400 before any
+    of the app's code runs, and logs it as an error with a traceback: a line
+    of log per garbage request is plenty. Passed to aiohttp as the request
+    handler's ``logger``; everything else goes through unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), None)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            # At most INFO (aiohttp logs a first request's bad method at DEBUG: mostly TLS or scanners).
+            self.logger.log(min(level, logging.INFO), f"{msg}: %s %.200r", *args, type(exc).__name__, exc.message)
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
 # Things shaped like API keys (sk-…, including masked ones such as "sk-proj-****abcd").
 _KEY_SHAPES = re.compile(r"\b(?:sk|pk|rk)-[A-Za-z0-9_*\-]{6,}")
+# The shortest run of the key's characters that is taken for a piece of it.
+_KEY_RUN = 10
+# How far past a cut ``excerpt`` looks, so that a key shape the cut would split is still recognised.
+_EXCERPT_SLACK = 256
 
 
 def redact(text: str, secret: str | None) -> str:
-    """``text`` without ``secret`` or anything shaped like an API key.
+    """``text`` without ``secret``, any run of ten of its characters, or anything shaped like an API key.
 
     Providers echo keys in their error messages (OpenAI: "Incorrect API key
-    provided: sk-proj-****abcd"), and those messages are relayed to clients.
+    provided: sk-proj-****abcd"), whole, masked or cut short, and those
+    messages are relayed to clients.
     """
     if secret:
-        text = text.replace(secret, "[redacted]")
+        text = _without_runs_of(secret, text)
     return _KEY_SHAPES.sub("[redacted]", text)
+
+
+def excerpt(text: str, limit: int, secret: str | None) -> str:
+    """The first ``limit`` characters of ``text``, redacted before the cut (a key cut short is not recognised)."""
+    return redact(text[: limit + _EXCERPT_SLACK], secret)[:limit]
+
+
+def _without_runs_of(secret: str, text: str) -> str:
+    """``text`` with each stretch made of runs of ten characters of ``secret`` replaced, once."""
+    if len(secret) < _KEY_RUN:
+        return text.replace(secret, "[redacted]")
+    spans: list[tuple[int, int]] = []
+    for start in range(len(secret) - _KEY_RUN + 1):
+        run = secret[start : start + _KEY_RUN]
+        at = text.find(run)
+        while at >= 0:
+            spans.append((at, at + _KEY_RUN))
+            at = text.find(run, at + 1)
+    if not spans:
+        return text
+    spans.sort()
+    out: list[str] = []
+    kept = 0  # text[:kept] is in out
+    start, end = spans[0]
+    for next_start, next_end in spans[1:]:
+        if next_start > end:
+            out += (text[kept:start], "[redacted]")
+            kept, start = end, next_start
+        end = max(end, next_end)
+    out += (text[kept:start], "[redacted]", text[end:])
+    return "".join(out)

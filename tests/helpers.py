@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -221,13 +222,21 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-async def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[asyncio.subprocess.Process, int, bytes]:
+async def start_server(
+    *args: str, env: dict[str, str] | None = None, nofile: tuple[int, int] | None = None
+) -> tuple[asyncio.subprocess.Process, int, bytes]:
     """Run ``python server.py`` on a free port; return it once it says where it listens.
 
     Python runs with ResourceWarnings shown, so a test can check that stopping
-    it leaves no unclosed session or socket behind.
+    it leaves no unclosed session or socket behind. ``nofile`` is the soft and
+    hard limit on open files it starts with (``ulimit -Sn``, ``ulimit -Hn``).
     """
     port = free_port()
+
+    def limit_open_files() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, nofile)
+
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-W",
@@ -239,6 +248,7 @@ async def start_server(*args: str, env: dict[str, str] | None = None) -> tuple[a
         cwd=ROOT,
         env=env if env is not None else clean_env(),
         stderr=asyncio.subprocess.PIPE,
+        preexec_fn=limit_open_files,
     )
     assert process.stderr is not None
     log = b""

@@ -8,10 +8,13 @@ of the request: the fake provider's ``requests`` list is the witness.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import ipaddress
 import logging
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +25,8 @@ from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import FakeProvider, RelayFactory, Reply, collect, eventually, parse_sse, transcript, types
 
+from handlers.app import create_app
+from handlers.config import Config
 from handlers.keys import streams_key
 
 Client = TestClient[web.Request, web.Application]
@@ -249,10 +254,7 @@ async def test_a_401_names_the_bearer_scheme_in_www_authenticate(relay_to: Relay
         assert response.headers.get("WWW-Authenticate", "").lower().startswith("bearer")
 
 
-PUBLIC_ROUTES = [
-    pytest.param("GET", "/", {}, id="the page"),
-    pytest.param("GET", "/healthz", {}, id="GET /healthz"),
-    pytest.param("GET", "/readyz", {}, id="GET /readyz"),
+DEMO_ROUTES = [
     pytest.param("GET", "/demo/v1/models", {}, id="the demo model's model list"),
     pytest.param(
         "POST",
@@ -261,13 +263,25 @@ PUBLIC_ROUTES = [
         id="the demo model's chat completions",
     ),
 ]
+PUBLIC_ROUTES = [
+    pytest.param("GET", "/", {}, id="the page"),
+    pytest.param("GET", "/healthz", {}, id="GET /healthz"),
+    pytest.param("GET", "/readyz", {}, id="GET /readyz"),
+    # The demo model's routes are served only while no provider is configured.
+    *DEMO_ROUTES,
+]
+
+
+def relay_serving(path: str, relay: RelayFactory, relay_to: RelayFactory) -> RelayFactory:
+    """A relay that serves ``path``: on the demo model for its routes, else on the fake provider."""
+    return relay if path.startswith("/demo/") else relay_to
 
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), PUBLIC_ROUTES)
 async def test_public_routes_need_no_token(
-    relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
+    relay: RelayFactory, relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    client = await relay_to(tokens=TOKENS)
+    client = await relay_serving(path, relay, relay_to)(tokens=TOKENS)
 
     async with client.request(method, path, **kwargs) as response:
         await response.read()
@@ -276,14 +290,26 @@ async def test_public_routes_need_no_token(
 
 @pytest.mark.parametrize(("method", "path", "kwargs"), PUBLIC_ROUTES)
 async def test_public_routes_are_not_rate_limited(
-    relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
+    relay: RelayFactory, relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
 ) -> None:
-    client = await relay_to(rate_limit="1/hour")
+    client = await relay_serving(path, relay, relay_to)(rate_limit="1/hour")
 
     for _ in range(3):
         async with client.request(method, path, **kwargs) as response:
             await response.read()
             assert response.status == 200
+
+
+@pytest.mark.parametrize(("method", "path", "kwargs"), DEMO_ROUTES)
+async def test_with_a_provider_configured_the_demo_model_is_not_served(
+    relay_to: RelayFactory, provider: FakeProvider, method: str, path: str, kwargs: dict[str, Any]
+) -> None:
+    # It needs no token and has no limits: with a real provider it would be a way around both.
+    client = await relay_to(tokens=TOKENS)
+
+    async with client.request(method, path, **kwargs) as response:
+        assert response.status == 404
+        assert await error_code(response) == "not_found"
 
 
 async def test_the_demo_model_streams_to_a_client_with_a_token(relay: RelayFactory) -> None:
@@ -688,6 +714,41 @@ async def test_behind_a_trusted_proxy_each_forwarded_address_is_its_own_client(
         assert other.status == 200
 
 
+@pytest.mark.parametrize(
+    ("settings", "neighbour_limited"),
+    [
+        pytest.param({}, True, id="by their /64, by default"),
+        pytest.param({"ipv6_prefix": 48}, True, id="by their /48"),
+        pytest.param({"ipv6_prefix": 128}, False, id="by their whole address, with a prefix of 128"),
+    ],
+)
+async def test_ipv6_clients_are_told_apart_by_their_network_prefix(
+    relay_to: RelayFactory, answers: FakeProvider, settings: dict[str, Any], neighbour_limited: bool
+) -> None:
+    # One IPv6 host commonly has a whole /64 to itself: each of its addresses must not bring a fresh allowance.
+    client = await relay_to(rate_limit=TWO_AN_HOUR, trusted_proxies=("127.0.0.1",), **settings)
+    for address in ("2001:db8:0:1::1", "2001:db8:0:1:aaaa:bbbb:cccc:dddd"):
+        async with client.get("/models", headers={"X-Forwarded-For": address}) as response:
+            assert response.status == 200
+
+    async with client.get("/models", headers={"X-Forwarded-For": "2001:db8:0:1::2"}) as neighbour:
+        assert (neighbour.status == 429) is neighbour_limited
+    async with client.get("/models", headers={"X-Forwarded-For": "2001:db8:ffff:2::1"}) as other_network:
+        assert other_network.status == 200
+
+
+async def test_an_ipv4_address_in_ipv6_form_is_the_ipv4_client(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(rate_limit=TWO_AN_HOUR, trusted_proxies=("127.0.0.1",))
+    for address in ("203.0.113.7", "::ffff:203.0.113.7"):
+        async with client.get("/models", headers={"X-Forwarded-For": address}) as response:
+            assert response.status == 200
+
+    async with client.get("/models", headers={"X-Forwarded-For": "::ffff:203.0.113.7"}) as third:
+        assert third.status == 429
+    async with client.get("/models", headers={"X-Forwarded-For": "203.0.113.8"}) as other:
+        assert other.status == 200
+
+
 SPOOFED = [
     pytest.param(
         lambda spoof: {"X-Forwarded-For": f"{spoof}, 203.0.113.1"},
@@ -755,6 +816,7 @@ async def test_the_stream_log_names_a_token_client_by_fingerprint_only(
     [
         pytest.param((), "203.0.113.9", "127.0.0.1", id="the peer, when no proxy is trusted"),
         pytest.param(("127.0.0.1",), "203.0.113.9", "203.0.113.9", id="the forwarded address, from a trusted proxy"),
+        pytest.param(("127.0.0.1",), "2001:db8:0:1::9", "2001:db8:0:1::/64", id="an IPv6 client, by its /64"),
     ],
 )
 async def test_the_stream_log_names_an_anonymous_client_by_address(
@@ -771,6 +833,27 @@ async def test_the_stream_log_names_an_anonymous_client_by_address(
     await collect(client, params={"prompt": "hi"}, headers={"X-Forwarded-For": forwarded})
 
     assert client_in_log(caplog) == expected
+
+
+async def test_an_undecodable_x_forwarded_for_from_a_trusted_proxy_still_gets_its_stream_logged(
+    relay_to: RelayFactory, answers: FakeProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    client = await relay_to(trusted_proxies=("127.0.0.1",))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        writer.write(
+            b"GET /stream?prompt=hi HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Forwarded-For: \xff\xfe\xfd\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+
+    assert answer.startswith(b"HTTP/1.1 200") and b"event: done" in answer
+    logged = client_in_log(caplog)
+    assert logged.isascii() and logged.isprintable(), logged
 
 
 # Models, and where the relay connects.
@@ -886,18 +969,18 @@ async def test_cors_is_off_by_default_so_a_preflight_is_refused(relay_to: RelayF
 
 
 @pytest.mark.parametrize("origin", [APP, ELSEWHERE])
-async def test_cors_is_off_by_default_so_answers_allow_no_origin(
+async def test_cors_is_off_by_default_so_pages_of_other_origins_are_refused_and_allowed_no_origin(
     relay_to: RelayFactory, answers: FakeProvider, origin: str
 ) -> None:
     client = await relay_to()
 
     async with client.get("/models", headers={"Origin": origin}) as listed:
-        assert listed.status == 200
+        assert listed.status == 403
         assert "Access-Control-Allow-Origin" not in listed.headers
     async with client.post("/stream", json={"messages": HELLO}, headers={"Origin": origin}) as streamed:
-        await streamed.read()
-        assert streamed.status == 200
+        assert streamed.status == 403
         assert "Access-Control-Allow-Origin" not in streamed.headers
+    assert answers.requests == []
 
 
 async def test_a_listed_origin_may_post_a_stream_with_a_token(relay_to: RelayFactory, answers: FakeProvider) -> None:
@@ -943,8 +1026,9 @@ async def test_an_unlisted_origin_is_refused(relay_to: RelayFactory, answers: Fa
         assert refused.status == 403
         assert "Access-Control-Allow-Origin" not in refused.headers
     async with client.post("/stream", json={"messages": HELLO}, headers={"Origin": ELSEWHERE}) as actual:
-        await actual.read()
+        assert actual.status == 403
         assert "Access-Control-Allow-Origin" not in actual.headers
+    assert answers.requests == []
 
 
 async def test_a_preflight_for_a_header_the_api_does_not_take_is_refused(relay_to: RelayFactory) -> None:
@@ -970,3 +1054,222 @@ async def test_cors_credentials_are_allowed_only_when_configured(
     async with client.post("/stream", json={"messages": HELLO}, headers={"Origin": APP}) as actual:
         await actual.read()
         assert actual.headers.get("Access-Control-Allow-Credentials") == expected
+
+
+# A web page of another origin must not spend the key: neither by a request a browser sends without asking
+# (a form's POST, a text/plain fetch, an <img>), nor by a name rebound to 127.0.0.1 (DNS rebinding).
+
+CROSS_SITE = {"Origin": ELSEWHERE, "Sec-Fetch-Site": "cross-site"}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        pytest.param("text/plain", id="text/plain"),
+        pytest.param("application/x-www-form-urlencoded", id="a form"),
+        pytest.param("multipart/form-data; boundary=x", id="a multipart form"),
+        pytest.param(None, id="no content type"),
+    ],
+)
+async def test_a_post_stream_body_that_is_not_declared_json_is_refused_with_415(
+    relay_to: RelayFactory, answers: FakeProvider, content_type: str | None
+) -> None:
+    client = await relay_to()
+    headers = {"Content-Type": content_type} if content_type else {}
+    # skip_auto_headers: without it aiohttp's client would call the bytes application/octet-stream.
+    async with client.post(
+        "/stream", data=orjson.dumps({"messages": HELLO}), headers=headers, skip_auto_headers=["Content-Type"]
+    ) as response:
+        assert response.status == 415
+        assert await error_code(response) == "unsupported_media_type"
+    assert answers.requests == []
+
+
+async def test_a_json_content_type_with_a_charset_is_json(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to()
+    headers = {"Content-Type": "application/json; charset=utf-8"}
+
+    events = await collect(client, "POST", data=orjson.dumps({"messages": HELLO}), headers=headers)
+
+    assert types(events)[-1] == "done"
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "kwargs"),
+    [
+        pytest.param(
+            "POST",
+            {**CROSS_SITE, "Content-Type": "text/plain"},
+            {"data": orjson.dumps({"messages": HELLO})},
+            id="a text/plain POST from a modern browser",
+        ),
+        pytest.param("POST", CROSS_SITE, {"json": {"messages": HELLO}}, id="a JSON POST from a modern browser"),
+        pytest.param(
+            "GET", {"Sec-Fetch-Site": "cross-site"}, {"params": {"prompt": "hi"}}, id="an <img> GET (no Origin)"
+        ),
+        pytest.param(
+            "GET", {"Sec-Fetch-Site": "same-site"}, {"params": {"prompt": "hi"}}, id="an <img> GET from a sibling site"
+        ),
+        pytest.param(
+            "POST", {"Origin": ELSEWHERE}, {"json": {"messages": HELLO}}, id="a POST from a browser without Sec-Fetch"
+        ),
+        pytest.param("GET", {"Origin": "null"}, {"params": {"prompt": "hi"}}, id="a sandboxed page (Origin: null)"),
+    ],
+)
+async def test_a_page_of_another_origin_is_refused_with_403_before_the_provider_hears_of_it(
+    relay_to: RelayFactory, answers: FakeProvider, method: str, headers: dict[str, str], kwargs: dict[str, Any]
+) -> None:
+    client = await relay_to()
+
+    async with client.request(method, "/stream", headers=headers, **kwargs) as response:
+        assert response.status == 403
+        assert await error_code(response) == "origin_not_allowed"
+    assert answers.requests == []
+
+
+@pytest.mark.parametrize("route", API_ROUTES)
+async def test_every_api_route_refuses_a_page_of_another_origin(
+    relay_to: RelayFactory, answers: FakeProvider, route: Route
+) -> None:
+    client = await relay_to(tokens=TOKENS)
+    path = await path_to(client, route, bearer("tok-a"))
+
+    async with client.request(
+        route.method, path, headers={**CROSS_SITE, **bearer("tok-a")}, **route.kwargs
+    ) as response:
+        assert response.status == 403
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"Sec-Fetch-Site": "same-origin"}, id="the relay's own page (Sec-Fetch-Site)"),
+        pytest.param(
+            {"Sec-Fetch-Site": "same-origin", "Origin": "https://chat.example.com"},
+            id="its own page behind a proxy that sends another Host",
+        ),
+        pytest.param({"Sec-Fetch-Site": "none"}, id="typed in the address bar"),
+        pytest.param({}, id="not a browser (no Origin)"),
+    ],
+)
+async def test_the_relays_own_pages_and_other_clients_may_stream(
+    relay_to: RelayFactory, answers: FakeProvider, headers: dict[str, str]
+) -> None:
+    events = await collect(await relay_to(), "POST", json={"messages": HELLO}, headers=headers)
+
+    assert types(events)[-1] == "done"
+
+
+async def test_a_browser_without_sec_fetch_is_judged_by_its_origin_against_the_host(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to()
+    own = f"http://{client.host}:{client.port}"
+
+    events = await collect(client, "POST", json={"messages": HELLO}, headers={"Origin": own})
+
+    assert types(events)[-1] == "done"
+
+
+async def test_a_listed_origin_is_not_refused_for_being_cross_site(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to(cors_origins=(ELSEWHERE,))
+
+    events = await collect(client, "POST", json={"messages": HELLO}, headers=CROSS_SITE)
+
+    assert types(events)[-1] == "done"
+
+
+async def test_any_origin_may_call_when_cors_origins_is_star(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(cors_origins=("*",))
+
+    events = await collect(client, params={"prompt": "hi"}, headers={"Sec-Fetch-Site": "cross-site"})
+
+    assert types(events)[-1] == "done"
+
+
+PUBLIC_AND_API = [
+    pytest.param("GET", "/", id="the page"),
+    pytest.param("GET", "/healthz", id="a probe"),
+    pytest.param("GET", "/models", id="an API route"),
+    pytest.param("POST", "/stream", id="POST /stream"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PUBLIC_AND_API)
+async def test_over_loopback_a_foreign_host_is_refused_with_421(
+    relay_to: RelayFactory, answers: FakeProvider, method: str, path: str
+) -> None:
+    client = await relay_to()
+
+    async with client.request(
+        method, path, json={"messages": HELLO}, headers={"Host": "rebound.example:8080"}
+    ) as response:
+        assert response.status == 421
+        assert await error_code(response) == "host_not_allowed"
+    assert answers.requests == []
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "localhost:1234", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:8080", "[::1]:8080", "[::1]"]
+)
+async def test_over_loopback_the_loopback_names_are_accepted_on_any_port(
+    relay_to: RelayFactory, answers: FakeProvider, host: str
+) -> None:
+    client = await relay_to()
+
+    events = await collect(client, params={"prompt": "hi"}, headers={"Host": host})
+
+    assert types(events)[-1] == "done"
+
+
+async def test_allowed_hosts_adds_names(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(allowed_hosts=("chat.example.com",))
+
+    async with client.get("/healthz", headers={"Host": "chat.example.com"}) as named:
+        assert named.status == 200
+    async with client.get("/healthz", headers={"Host": "Chat.Example.Com:443"}) as named_with_a_port:
+        assert named_with_a_port.status == 200
+    async with client.get("/healthz", headers={"Host": "other.example.com"}) as other:
+        assert other.status == 421
+
+
+async def test_allowed_hosts_star_accepts_any_name(relay_to: RelayFactory, answers: FakeProvider) -> None:
+    client = await relay_to(allowed_hosts=("*",))
+
+    async with client.get("/healthz", headers={"Host": "rebound.example"}) as response:
+        assert response.status == 200
+
+
+def a_non_loopback_address() -> str | None:
+    """An address of this machine's that is not loopback (no packet is sent to find it), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("203.0.113.1", 9))  # TEST-NET-3: a route, never a packet
+        except OSError:
+            return None
+        address = str(probe.getsockname()[0])
+    return None if ipaddress.ip_address(address).is_loopback else address
+
+
+@pytest.mark.parametrize(
+    ("allowed_hosts", "status"),
+    [
+        pytest.param((), 200, id="any name, by default"),
+        pytest.param(("chat.example.com",), 421, id="only the listed names, when some are listed"),
+    ],
+)
+async def test_off_loopback_the_host_is_checked_only_when_allowed_hosts_are_listed(
+    aiohttp_client: Callable[..., Awaitable[Client]], allowed_hosts: tuple[str, ...], status: int
+) -> None:
+    address = a_non_loopback_address()
+    if address is None:
+        pytest.skip("this machine has no address but loopback")
+    app = create_app(Config(allowed_hosts=allowed_hosts))
+    client = await aiohttp_client(TestServer(app, host=address))
+
+    async with client.get("/healthz", headers={"Host": "relay.example"}) as foreign:
+        assert foreign.status == status
+    async with client.get("/healthz") as by_its_address:
+        assert by_its_address.status == 200, "the address a request came in on is always one of the relay's names"

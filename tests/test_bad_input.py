@@ -8,6 +8,8 @@ streaming options the relay adds.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from helpers import FakeProvider, RelayFactory, Reply, collect, text_of, transcript, types
+
+from handlers.config import Config
 
 Client = TestClient[web.Request, web.Application]
 
@@ -41,17 +45,26 @@ def get(params: dict[str, str], code: str, *mentions: str) -> Bad:
     return Bad("GET", "/stream", 400, code, mentions, {"params": params})
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def post(body: Any, code: str, *mentions: str) -> Bad:
-    return Bad("POST", "/stream", 400, code, mentions, {"data": orjson.dumps(body)})
+    return Bad("POST", "/stream", 400, code, mentions, {"data": orjson.dumps(body), "headers": JSON})
 
 
 def post_raw(body: bytes, code: str, *mentions: str) -> Bad:
-    return Bad("POST", "/stream", 400, code, mentions, {"data": body})
+    return Bad("POST", "/stream", 400, code, mentions, {"data": body, "headers": JSON})
 
 
 def over_the_limit(data: Any) -> Bad:
     """A POST to a relay that takes at most 1024 bytes; ``data`` may be a callable making a fresh body."""
-    return Bad("POST", "/stream", 413, "body_too_large", ("1024",), {"data": data}, {"max_body_bytes": 1024})
+    kwargs = {"data": data, "headers": JSON}
+    return Bad("POST", "/stream", 413, "body_too_large", ("1024",), kwargs, {"max_body_bytes": 1024})
+
+
+def too_deep(template: bytes, code: str, name: str) -> Bad:
+    """A POST of ``template`` with a value 300 lists deep where it has ``%s``: deeper than orjson writes."""
+    return post_raw(template % (b"[" * 300 + b'"deep"' + b"]" * 300), code, name)
 
 
 def with_messages(**options: Any) -> dict[str, Any]:
@@ -209,6 +222,27 @@ BAD_OPTIONS = [
     pytest.param(post(with_messages(tools=["search"]), "invalid_parameter", "tools"), id="tools a list of strings"),
     pytest.param(post(with_messages(tool_choice=1), "invalid_parameter", "tool_choice"), id="tool_choice a number"),
     pytest.param(post(with_messages(model=5), "invalid_parameter", "model"), id="model a number"),
+    # orjson reads JSON nested 1,024 deep but writes at most 254 levels: the provider request must be writable.
+    pytest.param(
+        too_deep(b'{"messages": [{"role": "user", "content": "hi"}], "tools": [%s]}', "invalid_parameter", "tools"),
+        id="tools nested 300 deep",
+    ),
+    pytest.param(
+        too_deep(
+            b'{"messages": [{"role": "user", "content": "hi"}], "tool_choice": {"function": %s}}',
+            "invalid_parameter",
+            "tool_choice",
+        ),
+        id="tool_choice nested 300 deep",
+    ),
+    pytest.param(
+        too_deep(
+            b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [%s]}]}',
+            "invalid_messages",
+            "messages[1].tool_calls",
+        ),
+        id="tool_calls nested 300 deep",
+    ),
 ]
 
 BAD_MODELS = [
@@ -226,7 +260,7 @@ BAD_MODELS = [
             400,
             "model_not_allowed",
             mentions=("gpt-5", "test-model", "other"),
-            kwargs={"data": orjson.dumps(with_messages(model="gpt-5"))},
+            kwargs={"data": orjson.dumps(with_messages(model="gpt-5")), "headers": JSON},
             settings={"models": ("other",)},
         ),
         id="a model outside a longer allow-list",
@@ -251,7 +285,7 @@ WRONG_FORMAT = [
             400,
             "invalid_parameter",
             mentions=("format",),
-            kwargs={"data": orjson.dumps(with_messages())},
+            kwargs={"data": orjson.dumps(with_messages()), "headers": JSON},
         ),
         id="POST with format=xml",
     ),
@@ -269,6 +303,18 @@ WRONG_METHODS = [
     pytest.param(Bad("PATCH", "/stream", 405, "method_not_allowed"), id="PATCH /stream"),
 ]
 
+
+def encoded_as(encoding: str, body: bytes) -> Bad:
+    """A POST whose ``Content-Encoding`` says ``encoding``, though ``body`` is not that."""
+    headers = {**JSON, "Content-Encoding": encoding}
+    return Bad("POST", "/stream", 400, "unreadable_body", (encoding,), {"data": body, "headers": headers})
+
+
+UNREADABLE_BODIES = [
+    pytest.param(encoded_as("gzip", orjson.dumps(with_messages())), id="Content-Encoding gzip, but not gzip"),
+    pytest.param(encoded_as("deflate", b"\x78\x9c" + b"\xff" * 40), id="Content-Encoding deflate, but broken"),
+]
+
 EVERY_BAD_REQUEST = [
     *MISSING_PROMPT,
     *NOT_A_CHAT_REQUEST,
@@ -276,6 +322,7 @@ EVERY_BAD_REQUEST = [
     *BAD_OPTIONS,
     *BAD_MODELS,
     *TOO_LARGE,
+    *UNREADABLE_BODIES,
     *WRONG_FORMAT,
     *UNKNOWN_ROUTES,
     *WRONG_METHODS,
@@ -341,6 +388,15 @@ async def test_a_body_over_the_limit_is_refused_with_413(
     relay_to: RelayFactory, provider: FakeProvider, bad: Bad
 ) -> None:
     await assert_refused(await relay_to(**bad.settings), provider, bad)
+
+
+@pytest.mark.parametrize("bad", UNREADABLE_BODIES)
+async def test_a_body_that_cannot_be_decoded_is_refused(
+    relay_to: RelayFactory, provider: FakeProvider, bad: Bad
+) -> None:
+    headers = await assert_refused(await relay_to(**bad.settings), provider, bad)
+    # What follows it on the connection cannot be told apart from it.
+    assert headers.get("Connection", "").lower() == "close"
 
 
 @pytest.mark.parametrize("bad", WRONG_FORMAT)
@@ -546,7 +602,7 @@ async def test_a_body_of_exactly_the_limit_is_accepted(relay_to: RelayFactory, a
     body = padded_body(1024)
     assert len(body) == 1024
 
-    events = await collect(await relay_to(max_body_bytes=1024), "POST", data=chunked(body, size=100))
+    events = await collect(await relay_to(max_body_bytes=1024), "POST", data=chunked(body, size=100), headers=JSON)
 
     assert types(events)[-1] == "done"
     assert answered.requests[0]["messages"][0]["content"] == "x" * (1024 - len(padded_body(0)))
@@ -570,3 +626,128 @@ async def test_a_clients_authorization_header_is_not_passed_on(relay_to: RelayFa
     )
 
     assert answered.headers[0]["Authorization"] == "Bearer sk-relay"
+
+
+# A body that never arrives does not hold its connection for ever.
+
+
+async def send_slowly(
+    client: Client, path: str, body: bytes, *, sent: int, pause: float = 0.0, headers: str = ""
+) -> tuple[bytes, float]:
+    """POST ``body`` over a raw socket: its first ``sent`` bytes, and the rest after ``pause`` if there is one.
+
+    Returns everything the relay sent back until it closed the connection, and how long that took.
+    """
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{headers}\r\n"
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        writer.write(head.encode() + body[:sent])
+        if pause:
+            await asyncio.sleep(pause)
+            writer.write(body[sent:])
+        started = loop.time()
+        async with asyncio.timeout(10):
+            answer = await reader.read()  # to the end: the relay must close the connection
+        return answer, loop.time() - started
+    finally:
+        writer.close()
+
+
+def json_error(answer: bytes) -> tuple[int, str]:
+    """The status and error code of a raw HTTP answer with a JSON error body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split()[1])
+    assert b"application/json" in head, answer
+    return status, orjson.loads(body)["error"]["code"]
+
+
+WHOLE = orjson.dumps({"messages": HELLO, "model": "demo"})
+
+
+@pytest.mark.parametrize(
+    ("path", "settings"),
+    [
+        pytest.param("/stream", {}, id="POST /stream"),
+        pytest.param("/demo/v1/chat/completions", {"base_url": None}, id="the demo model"),
+    ],
+)
+async def test_a_body_that_does_not_arrive_in_time_gets_408_and_the_connection_closed(
+    relay_to: RelayFactory, provider: FakeProvider, path: str, settings: dict[str, Any]
+) -> None:
+    client = await relay_to(body_timeout=0.5, **settings)
+
+    answer, took = await send_slowly(client, path, WHOLE, sent=10)
+
+    assert json_error(answer) == (408, "body_timeout")
+    assert b"connection: close" in answer.lower()
+    assert took < 3, f"the connection stayed open {took:.1f} s"
+    assert provider.requests == []
+
+
+async def test_a_slow_body_that_arrives_in_time_is_read(relay_to: RelayFactory, answered: FakeProvider) -> None:
+    client = await relay_to(body_timeout=2, model="demo")
+
+    answer, _ = await send_slowly(
+        client, "/stream?format=ndjson", WHOLE, sent=10, pause=0.5, headers="Connection: close\r\n"
+    )
+
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert len(answered.requests) == 1
+
+
+def test_by_default_a_body_has_at_most_30_seconds() -> None:
+    assert 0 < Config().body_timeout <= 30
+
+
+# Requests aiohttp's own parser refuses: its plain-text 400, and one line in the log at most, never a traceback.
+
+MALFORMED = [
+    pytest.param([b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"], id="a URL over 8 KB"),
+    pytest.param(
+        [b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n"], id="a header over 8 KB"
+    ),
+    pytest.param([b"FROB / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"], id="an unknown method"),
+    pytest.param(
+        [b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b"FROB / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"],
+        id="an unknown method after a good request",
+    ),
+    pytest.param([b"GET / HTTP/1.1\r\nHost: 127.0.0.1\rX-Sneaky: 1\r\n\r\n"], id="a bare CR"),
+    pytest.param([b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Sneaky: a\x00b\r\n\r\n"], id="a NUL in a header"),
+    pytest.param(
+        [
+            b"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mes\r\nzz\r\n'
+        ],
+        id="broken chunked framing",
+    ),
+]
+
+
+@pytest.mark.parametrize("requests", MALFORMED)
+async def test_a_malformed_request_gets_400_and_at_most_one_line_in_the_log(
+    relay_to: RelayFactory, provider: FakeProvider, caplog: pytest.LogCaptureFixture, requests: list[bytes]
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = await relay_to()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    try:
+        for request in requests[:-1]:
+            writer.write(request)
+            await reader.readuntil(b'"ok"}')  # the answer to a good request, before the bad one
+        writer.write(requests[-1])
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+    finally:
+        writer.close()
+
+    assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
+    logged = [r for r in caplog.records if r.name.startswith("aiohttp.server")]
+    assert len(logged) <= 1
+    for record in logged:
+        assert record.levelno <= logging.INFO and record.exc_info is None
+        assert "\n" not in record.getMessage()
+    assert provider.requests == []

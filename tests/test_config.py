@@ -88,6 +88,8 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         (["--include-usage", "maybe"], "--include-usage"),
         (["--log-level", "loud"], "log level"),
         (["--max-line-bytes", "10"], "max_line_bytes"),
+        (["--allowed-hosts", "https://chat.example.com"], "allowed host"),
+        (["--ipv6-prefix", "129"], "ipv6_prefix"),
     ],
     ids=[
         "url-without-scheme",
@@ -99,6 +101,8 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         "bool-not-a-bool",
         "unknown-log-level",
         "tiny-line-limit",
+        "allowed-host-a-url",
+        "ipv6-prefix-too-long",
     ],
 )
 def test_bad_values_fail_at_start_up_saying_what_to_fix(args: list[str], message: str) -> None:

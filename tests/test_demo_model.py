@@ -102,3 +102,11 @@ async def test_demo_refuses_a_request_without_a_user_message(relay: RelayFactory
     async with client.post("/demo/v1/chat/completions", json={"messages": [{"role": "system"}]}) as response:
         assert response.status == 400
         assert "messages" in (await response.json())["error"]["message"]
+
+
+async def test_demo_refuses_messages_that_are_not_objects(relay: RelayFactory) -> None:
+    client = await relay()
+    body = {"messages": ["hello", {"role": "user", "content": "hi"}]}
+    async with client.post("/demo/v1/chat/completions", json=body) as response:
+        assert response.status == 400
+        assert "messages" in (await response.json())["error"]["message"]

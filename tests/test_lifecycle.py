@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import re
 import socket
 import sys
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, cast
 
@@ -33,7 +35,7 @@ from handlers.provider.upstream import Upstream
 from handlers.routes.chat_request import ChatRequest
 from handlers.stores.log import Events
 from handlers.stores.memory import MemoryStreamLog, MemoryStreamStore
-from handlers.streams.generation import Streams
+from handlers.streams.generation import Generation, Streams
 
 Client = TestClient[web.Request, web.Application]
 
@@ -869,3 +871,76 @@ async def test_a_stop_heard_twice_still_ends_the_log_for_its_readers(upstream: S
     assert finished and events is not None
     assert [kind for _, kind, _ in events][-1] == "error"
     assert orjson.loads(events.items[-1][1])["code"] == "cancelled"
+
+
+# Memory: what a stream leaves behind is freed by reference counting alone. The collector, tuned for throughput
+# (handlers/runtime.py), runs seldom, and a cycle a stream leaves (an exception whose traceback holds the frames
+# that hold it) pins its connections and buffers until then: repeated disconnect storms grew the process.
+
+
+@contextlib.contextmanager
+def no_garbage_collector() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+async def sends_one_chunk_then_ends(call: Call) -> None:
+    await call.send("Hel")  # and no finish: the relay ends the stream with upstream_incomplete
+
+
+STORM = 10
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        pytest.param(sends_one_chunk_then_falls_silent, id="clients that drop: generations cancelled"),
+        pytest.param(sends_one_chunk_then_ends, id="a provider that fails: generations ending in an error"),
+    ],
+)
+async def test_a_storms_generations_are_freed_without_the_garbage_collector(
+    served_relay: RelayFactory, upstream: ScriptedProvider, script: Script
+) -> None:
+    upstream.script = script
+    client = await served_relay(disconnect_grace=0, retention=0.1, client_streams=STORM, rate_limit="1000/minute")
+    streams = streams_of(client)
+    generations: list[weakref.ref[Generation]] = []
+    with no_garbage_collector():
+        for _ in range(STORM):
+            async with client.get("/stream", params={"prompt": "hi"}) as stream:
+                stream_id = (await read_until(stream, "content"))[0].data["stream"]
+                generation = streams.get(stream_id)
+                assert generation is not None
+                generations.append(weakref.ref(generation))
+                del generation
+                stream.close()
+        # Once expired (--retention), each is let go of; the handlers of the dropped clients end meanwhile.
+        await eventually(
+            lambda: all(ref() is None for ref in generations), "every generation is freed by reference counting"
+        )
+
+
+async def test_the_demo_models_answers_to_dropped_streams_are_freed_without_the_garbage_collector(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    app = create_app(Config(demo_delay=0.05, demo_tokens=1000, disconnect_grace=0, retention=0.1))
+    answers: list[weakref.ref[web.StreamResponse]] = []
+
+    async def note(request: web.Request, response: web.StreamResponse) -> None:
+        if request.path.endswith("/chat/completions"):
+            answers.append(weakref.ref(response))
+
+    app.on_response_prepare.append(note)
+    client = cast(Client, await aiohttp_client(RunAppServer(app)))
+    streams = streams_of(client)
+    with no_garbage_collector():
+        for _ in range(STORM):
+            async with client.get("/stream", params={"prompt": "hi"}) as stream:
+                await read_until(stream, "reasoning")
+                stream.close()
+        await eventually(lambda: len(answers) == STORM and len(streams) == 0, "every stream ends")
+        await eventually(lambda: all(ref() is None for ref in answers), "every answer is freed by reference counting")

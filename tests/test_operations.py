@@ -40,9 +40,13 @@ from helpers import (
     transcript,
     types,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from handlers.app import create_app
 from handlers.config import Config
+from handlers.errors import excerpt, redact
 from handlers.keys import streams_key
 from handlers.provider.upstream import Upstream
 
@@ -91,15 +95,26 @@ def ask(prompt: str) -> dict[str, Any]:
 # The provider's key is sent to the provider and shown nowhere else.
 
 
-@pytest.fixture
-def key() -> str:
+@pytest.fixture(
+    params=[
+        pytest.param("sk-canary-", id="an sk- key"),
+        # Keys of other shapes get no help from the pattern that catches sk-… keys.
+        pytest.param("tk_canary_", id="a key of another shape"),
+    ]
+)
+def key(request: pytest.FixtureRequest) -> str:
     """The provider key of the relay under test: a canary no output may contain."""
-    return "sk-canary-" + secrets.token_hex(16)
+    return str(request.param) + secrets.token_hex(16)
 
 
 def masked(key: str) -> str:
     """The key as OpenAI echoes it in an error: prefix, stars, last four characters."""
-    return "sk-canary-****" + key[-4:]
+    return key[:10] + "****" + key[-4:]
+
+
+def runs_of(key: str) -> list[str]:
+    """Every run of ten characters of the key: none may show, however the key was cut or masked."""
+    return [key[start : start + 10] for start in range(len(key) - 9)]
 
 
 class Seen:
@@ -134,7 +149,7 @@ class Seen:
 
     def assert_never_shows(self, key: str) -> None:
         text = self.text()
-        for secret in (key, key[-8:], masked(key)):
+        for secret in (key, key[-8:], masked(key), *runs_of(key)):
             assert secret not in text, f"{secret!r} leaked:\n{_around(text, secret)}"
 
 
@@ -249,6 +264,31 @@ SCENARIOS: dict[str, Scenario] = {
     "an error event in the stream that echoes the key": provider_fails(
         lambda key: Reply(sse(chunk("Hel")) + sse(f"invalid key {key}", event="error")), "upstream_error"
     ),
+    # The relay cuts provider messages short (to 200, 500 or 2,000 characters): a key the cut splits must still go.
+    "a 401 whose long message has the key where the relay cuts it": provider_fails(
+        lambda key: Reply.error(401, openai_error("x" * 1980 + f"{key} is not a valid key")), "upstream_auth"
+    ),
+    "a 500 whose long page has the key where the relay cuts it": provider_fails(
+        lambda key: Reply(("y" * 480 + f"{key} made this request").encode(), 500, "text/html"),
+        "upstream_unavailable",
+    ),
+    "an error event whose long text has the key where the relay cuts it": provider_fails(
+        lambda key: Reply(sse(chunk("Hel")) + sse("z" * 480 + f"{key} is over quota", event="error")),
+        "upstream_error",
+    ),
+    "an error object in the stream whose long message has the key where the relay cuts it": provider_fails(
+        lambda key: Reply(sse(chunk("Hel"), openai_error("x" * 1980 + f"{key} is over quota", "server_error"))),
+        "upstream_error",
+    ),
+    "a line that is not JSON with the key where the relay cuts it": provider_fails(
+        lambda key: Reply(sse(chunk("Hel"), "{" + "w" * 180 + key)), "upstream_bad_json"
+    ),
+    "a 401 that shows the end of the key": provider_fails(
+        lambda key: Reply.error(401, openai_error(f"The key ending in {key[-20:]} was revoked.")), "upstream_auth"
+    ),
+    "a provider that redirects forever": provider_fails(
+        lambda key: Reply(status=307, headers={"Location": "/v1/chat/completions"}), "upstream_error"
+    ),
     "an unreachable provider": provider_unreachable,
     "the page and its assets, models, metrics, probes and a 404": page_and_probes,
     "a cancel and a resume": resume_and_cancel,
@@ -263,6 +303,25 @@ async def test_the_key_appears_in_no_response_and_no_log_record(
 
     assert seen.responses > 0
     seen.assert_never_shows(key)
+
+
+CANARY = "tk_canary_0123456789abcdefABCDEF0123456789abcdef"
+# Text, or the slice of the key between two offsets.
+_PIECES = st.lists(st.one_of(st.text(max_size=12), st.tuples(st.integers(0, 48), st.integers(0, 48))), max_size=8)
+
+
+@given(pieces=_PIECES, limit=st.integers(0, 200))
+def test_no_run_of_ten_characters_of_the_key_survives_redaction_or_a_cut(
+    pieces: list[str | tuple[int, int]], limit: int
+) -> None:
+    text = "".join(piece if isinstance(piece, str) else CANARY[piece[0] : piece[1]] for piece in pieces)
+
+    for shown in (redact(text, CANARY), excerpt(text, limit, CANARY)):
+        assert not [run for run in runs_of(CANARY) if run in shown], shown
+
+
+def test_redaction_keeps_the_text_around_the_key() -> None:
+    assert redact(f"key {CANARY[:12]}, then {CANARY[20:]}{CANARY} end", CANARY) == "key [redacted], then [redacted] end"
 
 
 async def test_the_provider_receives_the_key_as_a_bearer_token(
@@ -865,3 +924,22 @@ async def test_no_warning_with_tokens_or_on_loopback(args: tuple[str, ...]) -> N
 
     assert OPEN_WARNING not in log
     assert b"WARNING" not in log
+
+
+async def test_an_unexpected_error_is_logged_on_one_line_whatever_the_url(
+    aiohttp_client: Callable[..., Awaitable[Client]], logs: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(Config())
+
+    async def fails(request: web.Request) -> web.Response:
+        raise RuntimeError("a bug")
+
+    app.router.add_get(r"/fails/{rest:[\s\S]*}", fails)  # any path, newlines included
+    client = await aiohttp_client(app)
+
+    async with client.get("/fails/x%0A2026-01-01 00:00:00,000 ERROR forged: a line of our own") as response:
+        assert response.status == 500
+        assert (await response.json())["error"]["code"] == "internal_error"
+    [record] = [r for r in logs.records if r.getMessage().startswith("unhandled error")]
+    assert "\n" not in record.getMessage()
+    assert "forged" in record.getMessage()

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from browsing import LIVE_MARKDOWN, WAIT, Serve, answer, answered, ask, demo_answer, opened, paced, ready, stored_chats
-from helpers import ROOT, FakeProvider, Reply, chunk, sse
+from helpers import ROOT, FakeProvider, Reply, chunk, eventually, sse
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -410,6 +410,52 @@ async def test_user_text_with_html_is_shown_as_text(serve: Serve, fake: FakeProv
         assert await bubble.locator("*").count() == 0
         assert await page.evaluate("() => typeof window.__pwned") == "undefined"
         assert tab.problems == []
+
+
+ATTACK = """<!doctype html><title>Free prizes</title>
+<iframe name="sink"></iframe>
+<form id="form" method="post" enctype="text/plain" target="sink" action="RELAY/stream">
+  <input name='{"messages": [{"role": "user", "content": "spent' value='"}]}'>
+</form>
+<img id="img" src="RELAY/stream?prompt=spent" onerror="window.imageTried = true">
+<script>
+  document.getElementById("form").submit();
+  window.fetchTried = fetch("RELAY/stream", {
+    method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"},
+    body: JSON.stringify({messages: [{role: "user", content: "spent"}]}),
+  }).then(() => true, () => true);
+</script>
+"""
+
+
+async def test_a_page_of_another_origin_cannot_start_a_generation(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    # What any site the operator visits could do to a relay on loopback: requests a browser sends without a
+    # CORS preflight, so without asking the relay first.
+    fake.reply = answer("Spent.")
+    relay = create_app(Config(base_url=fake.base_url, model="m"))
+    seen = record_requests(relay)
+    relay_url = str((await serve(relay)).make_url("")).rstrip("/")
+
+    async def attack(request: web.Request) -> web.Response:
+        return web.Response(text=ATTACK.replace("RELAY", relay_url), content_type="text/html")
+
+    site = web.Application()
+    site.router.add_get("/", attack)
+    attacker = await serve(site)
+    page = await browser.new_page()
+    try:
+        await page.goto(str(attacker.make_url("/")))
+        await page.wait_for_function("() => window.imageTried", timeout=WAIT)
+        assert await page.evaluate("() => window.fetchTried")
+        await eventually(lambda: len([s for s in seen if s.path_qs.startswith("/stream")]) == 3, "all three tries")
+        # Time for a generation the relay might have started to reach the provider.
+        await asyncio.sleep(0.5)
+    finally:
+        await page.close()
+
+    assert fake.requests == []
 
 
 # --- Errors ------------------------------------------------------------------------------------

@@ -419,6 +419,32 @@ async def test_a_malformed_last_event_id_is_400(
     assert (status, error["code"]) == (400, "invalid_last_event_id")
 
 
+@pytest.mark.parametrize(
+    ("path", "kwargs"),
+    [
+        pytest.param("/stream/{stream}", lambda seq: {"headers": {"Last-Event-ID": f"{{stream}}:{seq}"}}, id="header"),
+        pytest.param("/stream/{stream}", lambda seq: {"params": {"last_event_id": seq}}, id="?last_event_id="),
+        pytest.param(
+            "/stream",
+            lambda seq: {"params": {"prompt": "hi"}, "headers": {"Last-Event-ID": f"{{stream}}:{seq}"}},
+            id="header on GET /stream",
+        ),
+    ],
+)
+async def test_a_last_event_id_of_thousands_of_digits_is_400(
+    relay_to: RelayFactory, provider: FakeProvider, path: str, kwargs: Callable[[str], dict[str, Any]]
+) -> None:
+    # Past 4,300 digits Python refuses to make an int of them at all.
+    provider.reply = paced_answer(delay=0)
+    client = await relay_to()
+    stream_id = (await read_all(client, "/stream", params={"prompt": "hi"}))[0].data["stream"]
+    asked = orjson.loads(orjson.dumps(kwargs("9" * 5000)).replace(b"{stream}", stream_id.encode()))
+
+    status, error = await json_error(client, path.format(stream=stream_id), **asked)
+
+    assert (status, error["code"]) == (400, "invalid_last_event_id")
+
+
 async def test_a_malformed_last_event_id_parameter_is_400(relay_to: RelayFactory, provider: FakeProvider) -> None:
     provider.reply = paced_answer(delay=0)
     client = await relay_to()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import logging
 import platform
 from collections.abc import Iterator
 
@@ -48,3 +50,20 @@ def test_the_collector_freezes_what_exists_and_collects_young_objects_less_often
 
     assert gc.get_threshold() == runtime.GC_THRESHOLDS
     assert gc.get_freeze_count() > 0
+
+
+def test_other_event_loop_errors_are_still_reported_with_their_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    def fails() -> None:
+        raise RuntimeError("a bug")
+
+    loop = asyncio.new_event_loop()
+    try:
+        runtime.quiet_accept_errors(loop)
+        loop.call_soon(fails)
+        loop.run_until_complete(asyncio.sleep(0.01))
+    finally:
+        loop.close()
+
+    [record] = [r for r in caplog.records if r.name == "asyncio"]
+    assert record.levelno == logging.ERROR
+    assert record.exc_info is not None and "a bug" in str(record.exc_info[1])

@@ -137,3 +137,63 @@ async def test_the_listen_queue_is_as_long_as_backlog_says() -> None:
         await stop_server(process)
 
     assert 16 <= taken <= 20
+
+
+# Open files: each stream holds about three descriptors, and a common soft limit is 1,024.
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    """The soft and hard limits on open files of a running process, from /proc."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc")
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads limits from Linux's /proc")
+
+
+@needs_proc
+async def test_the_open_file_limit_is_raised_to_the_hard_limit_at_start_up() -> None:
+    process, _, _ = await start_server(nofile=(256, 4096))
+    try:
+        assert open_file_limits(process.pid) == (4096, 4096)
+    finally:
+        await stop_server(process)
+
+
+@pytest.mark.parametrize(
+    ("max_streams", "warned"),
+    [pytest.param("5000", True, id="the default 5,000 streams"), pytest.param("40", False, id="40 streams")],
+)
+async def test_start_up_warns_when_the_open_file_limit_cannot_cover_max_streams(max_streams: str, warned: bool) -> None:
+    process, _, log = await start_server("--max-streams", max_streams, nofile=(256, 256))
+    await stop_server(process)
+
+    assert (b"open-file limit (256) covers about 64 streams" in log) is warned, log.decode()
+
+
+async def test_when_descriptors_run_out_failed_accepts_log_a_line_a_second_not_a_traceback_each() -> None:
+    process, port, _ = await start_server("--max-streams", "10", nofile=(64, 64))
+    assert process.stderr is not None
+    # Read the log as it comes, so that a flood cannot block the server on a full pipe.
+    log = asyncio.create_task(process.stderr.read())
+    connections = []
+    try:
+        for _ in range(200):  # more than the server has descriptors for: the rest wait in the listen queue
+            connections.append(await asyncio.open_connection("127.0.0.1", port))
+        await asyncio.sleep(3)
+    finally:
+        for _, writer in connections:
+            writer.close()
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(20):
+            rest = await log
+            await process.wait()
+
+    reported = [line for line in rest.splitlines() if b"cannot accept connections" in line]
+    assert 1 <= len(reported) <= 6, rest.decode()[-3000:]
+    # asyncio's own report, a traceback for each failed accept.
+    assert b"out of system resource" not in rest
+    assert b"Traceback" not in rest

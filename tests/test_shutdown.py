@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 import orjson
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from helpers import Received, clean_env, parse_sse, start_server
@@ -126,3 +127,59 @@ async def test_new_streams_are_refused_with_503_while_draining(
         assert response.status == 503
         assert response.headers["Retry-After"] == "5"
         assert (await response.json())["error"]["code"] == "server_shutdown"
+
+
+async def test_the_whole_shutdown_fits_in_the_shutdown_timeout_and_a_second_or_two(
+    aiohttp_server: ServerFactory,
+) -> None:
+    # Orchestrators allow a grace period (Docker 10 s, Kubernetes 30 s) and then kill: every connection a
+    # server may hold at that moment must be done with by then, not only the running streams.
+    provider = SlowProvider(tokens=1000, pace=0.05)
+    env = clean_env(LLM_BASE_URL=await serve(aiohttp_server, provider), LLM_MODEL="slow-model")
+    process, port, _ = await start_server("--shutdown-timeout", "2", env=env)
+    assert process.stderr is not None
+    url = f"http://127.0.0.1:{port}/stream"
+    held: list[asyncio.StreamWriter] = []
+
+    async def connection(sent: bytes) -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(sent)
+        await writer.drain()
+        held.append(writer)
+
+    async with aiohttp.ClientSession() as session:
+        started = asyncio.Event()
+        stream = asyncio.create_task(read_stream(session, url, started))
+        # An idle keep-alive connection, one that sent half its headers, one that sent half its body.
+        _, idle = await asyncio.open_connection("127.0.0.1", port)
+        idle.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        held.append(idle)
+        await connection(b"GET /healthz HTTP/1.1\r\nHost: 127")
+        await connection(
+            b"POST /stream HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"messages":'
+        )
+        async with asyncio.timeout(10):
+            await started.wait()
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        signalled = loop.time()
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.sleep(0.3)
+            # The listener closes at once: while the streams drain, new connections are refused.
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+            async with asyncio.timeout(30):
+                events = await stream
+                stderr = await process.stderr.read()
+                code = await process.wait()
+            took = loop.time() - signalled
+        finally:
+            for writer in held:
+                writer.close()
+
+    assert events[-1].event == "error" and events[-1].data["code"] == "server_shutdown"
+    assert code == 0
+    assert took < 2 + 2, f"the process took {took:.1f} s to exit"
+    assert not [sign for sign in LEAK_SIGNS if sign in stderr], stderr.decode()

@@ -7,6 +7,7 @@ and the decoder must give the same events however the network splits the bytes.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Iterable
 from itertools import pairwise
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from handlers.provider.sse_decoder import LineTooLong, ServerSentEvent, SSEDecoder
+from handlers.provider.sse_decoder import EventTooLong, LineTooLong, ServerSentEvent, SSEDecoder
 
 DATA = Path(__file__).parent / "data"
 TRANSCRIPTS = sorted(DATA.glob("*.sse"))
@@ -361,9 +362,65 @@ def test_a_line_of_exactly_max_line_bytes_is_allowed(chunks: list[bytes]) -> Non
 
 def test_the_limit_is_per_line_not_per_chunk() -> None:
     decoder = SSEDecoder(max_line=LIMIT)
-    chunk = b"data: short\n" * 10 + b"\n"
-    assert decoder.feed(chunk) == [ServerSentEvent("\n".join(["short"] * 10))]
+    chunk = b"data: short\n\n" * 10
+    assert decoder.feed(chunk) == [ServerSentEvent("short")] * 10
     assert decoder.error is None
+
+
+# The data lines of one event are bounded together by the same limit: a provider that never sends the
+# blank line that ends an event cannot grow the relay's memory line by line.
+
+SHORT_DATA = b"data: 1234567\n"  # 13 bytes, of which the line is 12
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [[SHORT_DATA * 2], [SHORT_DATA, SHORT_DATA], [SHORT_DATA + b": comment\n" + SHORT_DATA.replace(b"\n", b"\r\n")]],
+    ids=["in one chunk", "a line a chunk", "with a comment between, CRLF"],
+)
+def test_data_lines_that_add_up_past_max_line_stop_the_decoder_with_event_too_long(chunks: list[bytes]) -> None:
+    decoder = SSEDecoder(max_line=LIMIT)
+    for chunk in chunks:
+        assert decoder.feed(chunk) == []
+    assert isinstance(decoder.error, EventTooLong)
+    assert decoder.error.limit == LIMIT
+    assert "16" in str(decoder.error)
+
+
+def test_data_lines_that_add_up_to_max_line_are_one_event() -> None:
+    decoder = SSEDecoder(max_line=LIMIT)
+    assert decoder.feed(b"data:123\ndata:456\n\n") == [ServerSentEvent("123\n456")]
+    assert decoder.error is None
+
+
+def test_the_event_limit_starts_again_with_each_event() -> None:
+    decoder = SSEDecoder(max_line=LIMIT)
+    assert decoder.feed((SHORT_DATA + b"\n") * 100) == [ServerSentEvent("1234567")] * 100
+    assert decoder.error is None
+
+
+def test_comments_and_other_fields_do_not_count_towards_the_event_limit() -> None:
+    decoder = SSEDecoder(max_line=LIMIT)
+    assert decoder.feed(b": keep-alive\n" * 100 + b"event: e\nid: 1\n" * 100 + SHORT_DATA + b"\n") == [
+        ServerSentEvent("1234567", "e", "1")
+    ]
+    assert decoder.error is None
+
+
+def test_a_decoder_stopped_by_a_never_ending_event_holds_no_more_than_twice_the_limit() -> None:
+    limit = 64 * 1024
+    decoder = SSEDecoder(max_line=limit)
+    piece = b"data: " + b"x" * 1000 + b"\n"
+    tracemalloc.start()
+    try:
+        for _ in range(8000):  # 8 MB of data lines, never a blank line
+            decoder.feed(piece)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(decoder.error, EventTooLong)
+    assert peak < 4 * limit, f"peak {peak} bytes"
+    assert held < 8 * 1024, f"still holding {held} bytes"
 
 
 # Splitting does not matter

@@ -442,6 +442,61 @@ async def test_a_line_within_max_line_bytes_is_relayed(relay_to: RelayFactory, p
     assert types(events) == ["meta", "content", "done"]
 
 
+async def test_a_provider_that_never_ends_its_event_is_upstream_line_too_long_and_hung_up_on(
+    aiohttp_server: AiohttpServer, relay: RelayFactory
+) -> None:
+    # Data lines and never the blank line that ends an event: bytes keep coming, so no timeout fires.
+    hung_up = asyncio.Event()
+
+    async def endless_event(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(b"data: " + b"x" * 1000 + b"\n")
+        except (ConnectionError, asyncio.CancelledError):
+            hung_up.set()
+            raise
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", endless_event)
+    server = await aiohttp_server(app)
+    client = await relay(base_url=str(server.make_url("/v1")), model="m", max_line_bytes=64 * 1024)
+    async with asyncio.timeout(10):
+        events = await ask(client)
+        await hung_up.wait()
+
+    assert types(events) == ["meta", "error"]
+    error = the_error(events)
+    assert (error["code"], error["retryable"]) == ("upstream_line_too_long", False)
+    assert str(64 * 1024) in error["message"]
+
+
+async def test_a_tool_call_whose_index_is_not_a_number_is_upstream_protocol(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    # An index nested deeper than the relay could ever write back out as JSON.
+    index = b"[" * 300 + b"0" + b"]" * 300
+    call = b'{"index": %s, "id": "call_1", "function": {"name": "f", "arguments": ""}}' % index
+    tool_chunk = b'data: {"choices": [{"index": 0, "delta": {"tool_calls": [%s]}, "finish_reason": null}]}\n\n' % call
+    provider.reply = Reply(sse(chunk(content="Let me look.")) + tool_chunk + sse(chunk(finish="tool_calls")))
+    events = await ask(await relay_to())
+
+    assert kinds(events) == ["meta", "content", "error"]
+    error = the_error(events)
+    assert (error["code"], error["retryable"]) == ("upstream_protocol", False)
+    assert "index" in error["message"]
+
+
+async def test_a_retry_field_of_thousands_of_digits_is_ignored(relay_to: RelayFactory, provider: FakeProvider) -> None:
+    provider.reply = Reply(
+        b"retry: " + b"9" * 5000 + b"\n\n" + sse(chunk(content="Hi"), chunk(finish="stop"), "[DONE]")
+    )
+    events = await ask(await relay_to())
+
+    assert types(events) == ["meta", "content", "done"]
+
+
 # Failures after the first token.
 
 MID_STREAM_FAILURES = [

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from ..errors import UpstreamError, UpstreamProtocolError
+from ..errors import UpstreamError, UpstreamProtocolError, excerpt
 from .sse_decoder import ServerSentEvent
 from .think_tags import ThinkSplitter
 
@@ -30,9 +30,11 @@ Event = dict[str, Any]
 class ChunkTranslator:
     """Stateful: one per upstream response."""
 
-    __slots__ = ("_think", "done", "error", "finish_reason", "usage")
+    __slots__ = ("_secret", "_think", "done", "error", "finish_reason", "usage")
 
-    def __init__(self, think: str = "auto") -> None:
+    def __init__(self, think: str = "auto", secret: str | None = None) -> None:
+        # The provider's key, kept out of the provider's words quoted in errors.
+        self._secret = secret
         self.done = False
         # An in-band error stops the translation; events before it still count.
         self.error: UpstreamError | None = None
@@ -61,7 +63,7 @@ class ChunkTranslator:
             if self.done or self.error is not None:
                 break
             if sse.event == "error":
-                raise _in_band_error(sse.data)
+                raise _in_band_error(sse.data, self._secret)
             if sse.event != "message":
                 continue  # No OpenAI-compatible provider sends others; ignore, as a browser would.
             data = sse.data
@@ -73,14 +75,16 @@ class ChunkTranslator:
                 chunk = orjson.loads(data)
             except orjson.JSONDecodeError:
                 raise UpstreamProtocolError(
-                    f"the provider sent a line that is not JSON: {data[:200]!r}", code="upstream_bad_json"
+                    f"the provider sent a line that is not JSON: {excerpt(data, 200, self._secret)!r}",
+                    code="upstream_bad_json",
                 ) from None
             if not isinstance(chunk, dict):
                 raise UpstreamProtocolError(
-                    f"the provider sent JSON that is not an object: {data[:200]!r}", code="upstream_bad_json"
+                    f"the provider sent JSON that is not an object: {excerpt(data, 200, self._secret)!r}",
+                    code="upstream_bad_json",
                 )
             if chunk.get("error") is not None:
-                raise _error_from_object(chunk)
+                raise _error_from_object(chunk, self._secret)
             self._chunk(chunk, out)
 
     def done_event(self) -> Event:
@@ -108,7 +112,7 @@ class ChunkTranslator:
             finish = choice.get("finish_reason")
             if isinstance(finish, str) and finish:
                 if finish == "error":
-                    raise _error_from_object(chunk)
+                    raise _error_from_object(chunk, self._secret)
                 self.finish_reason = finish
                 # Moonshot sends the usage inside the finishing choice instead of beside it.
                 usage = choice.get("usage")
@@ -218,7 +222,10 @@ def _joined_text(value: Any) -> str:
 
 
 def _tool_call(call: dict[str, Any]) -> Event:
-    event: Event = {"type": "tool_call", "index": call.get("index", 0)}
+    index = call.get("index", 0)
+    if not isinstance(index, int) or isinstance(index, bool):
+        raise UpstreamProtocolError(f"the provider sent a tool call whose index is not a number: {str(index)[:50]}")
+    event: Event = {"type": "tool_call", "index": index}
     if isinstance(call.get("id"), str):
         event["id"] = call["id"]
     function = call.get("function")
@@ -246,17 +253,17 @@ def normalize_usage(usage: dict[str, Any]) -> dict[str, int]:
     return out
 
 
-def _in_band_error(data: str) -> UpstreamError:
+def _in_band_error(data: str, secret: str | None) -> UpstreamError:
     try:
         body = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return UpstreamError(data.strip()[:500] or "the provider reported an error", retryable=True)
+        return UpstreamError(excerpt(data.strip(), 500, secret) or "the provider reported an error", retryable=True)
     if isinstance(body, dict):
-        return _error_from_object(body)
-    return UpstreamError(str(body)[:500], retryable=True)
+        return _error_from_object(body, secret)
+    return UpstreamError(excerpt(str(body), 500, secret), retryable=True)
 
 
-def _error_from_object(body: dict[str, Any]) -> UpstreamError:
+def _error_from_object(body: dict[str, Any], secret: str | None) -> UpstreamError:
     """An error object sent inside the stream (OpenAI, OpenRouter and vLLM shapes)."""
     error = body.get("error", body)
     status: int | None = None
@@ -269,4 +276,4 @@ def _error_from_object(body: dict[str, Any]) -> UpstreamError:
         message = str(error)
     # Without a status, assume the provider's side failed (overload, crash): worth a retry.
     retryable = status is None or status == 429 or status >= 500
-    return UpstreamError(str(message)[:2000], retryable=retryable, upstream_status=status)
+    return UpstreamError(excerpt(str(message), 2000, secret), retryable=retryable, upstream_status=status)

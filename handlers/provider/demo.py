@@ -23,7 +23,9 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..config import DEMO_MODEL
+from ..errors import let_go_of_cancellation
 from ..keys import config_key
+from ..routes.chat_request import read_body
 
 __all__ = ["chat_completions", "demo_tokens", "models"]
 
@@ -107,9 +109,13 @@ async def models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """``POST /demo/v1/chat/completions``, streaming or not."""
     config = request.config_dict[config_key]
+    # Room for what the relay adds to the largest body a client may send it.
+    raw = await read_body(request, 2 * config.max_body_bytes, config.body_timeout)
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
         messages = body["messages"]
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise ValueError("messages must be a list of objects")
         prompt = _last_user_text(messages)
     except (orjson.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
         return _error(400, "send a JSON body with a 'messages' list that has a user message")
@@ -140,7 +146,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         obj = {"id": chunk_id, "object": "chat.completion.chunk", "created": created, "model": model}
         return orjson.dumps({**obj, "choices": [choice]}).decode()
 
-    response = EventSourceResponse(sep="\n", allow_all_methods=True)
+    response = _EventSource(sep="\n", allow_all_methods=True)
     await response.prepare(request)
     try:
         await response.send(chunk({"role": "assistant", "content": None, "reasoning_content": ""}))
@@ -165,6 +171,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         response.stop_streaming()
     return response
+
+
+class _EventSource(EventSourceResponse):
+    """aiohttp-sse's response, whose keep-alive task lets go of its CancelledError once stopped.
+
+    Awaiting ``wait()`` would collect it as well, but would keep the handler
+    running on a connection the relay may have dropped, and aiohttp then ties
+    the connection's error to the request, a cycle of its own.
+    """
+
+    def stop_streaming(self) -> None:
+        super().stop_streaming()
+        if self._ping_task is not None:
+            self._ping_task.add_done_callback(let_go_of_cancellation)
 
 
 def _last_user_text(messages: Any) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LineTooLong", "SSEDecoder", "ServerSentEvent"]
+__all__ = ["EventTooLong", "LineTooLong", "SSEDecoder", "ServerSentEvent"]
 
 _BOM = "\ufeff"
 
@@ -33,17 +33,27 @@ class ServerSentEvent:
 class LineTooLong(ValueError):
     """A line grew past the decoder's limit without ending."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"an upstream line is longer than {limit} bytes")
+    def __init__(self, limit: int, message: str | None = None) -> None:
+        super().__init__(message or f"an upstream line is longer than {limit} bytes")
         self.limit = limit
+
+
+class EventTooLong(LineTooLong):
+    """The data lines of one event together grew past the decoder's limit before a blank line ended it."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit, f"an upstream event's data lines add up to more than {limit} bytes")
 
 
 class SSEDecoder:
     """Feed it bytes as they arrive; it returns the events they complete.
 
-    ``max_line`` bounds the length of a line, so a misbehaving upstream cannot
-    grow the process without limit. A longer line stops the decoder: the
-    events before it are still returned, and ``error`` says what happened.
+    ``max_line`` bounds the length of a line, and the data lines of the event
+    being assembled together, so a misbehaving upstream cannot grow the
+    process without limit (at most about twice ``max_line`` is held: the
+    event's data and the line being read). Going past it stops the decoder:
+    the events before are still returned, ``error`` says what happened, and
+    what was held is let go.
     """
 
     __slots__ = (
@@ -51,6 +61,7 @@ class SSEDecoder:
         "_data",
         "_event",
         "_has_data",
+        "_held",
         "_last_id",
         "_max_line",
         "_retry",
@@ -68,6 +79,8 @@ class SSEDecoder:
         self._event = ""
         self._data: list[str] = []
         self._has_data = False
+        # Bytes of the data lines in ``_data``.
+        self._held = 0
         # The last event ID persists across events, as in the spec.
         self._last_id = ""
         self._retry: int | None = None
@@ -96,24 +109,36 @@ class SSEDecoder:
             self._skip_lf = buffer.endswith(b"\r")
             lines = [_strip_eol(line) for line in lines]
         limit = self._max_line
-        for raw in lines:
-            if len(raw) > limit:
-                self.error = LineTooLong(limit)
-                return events
-            event = self._line(raw)
-            if event is not None:
-                events.append(event)
-        if len(self._buffer) > limit:
-            self.error = LineTooLong(limit)
+        try:
+            for raw in lines:
+                if len(raw) > limit:
+                    raise LineTooLong(limit)
+                event = self._line(raw)
+                if event is not None:
+                    events.append(event)
+            if len(self._buffer) > limit:
+                raise LineTooLong(limit)
+        except LineTooLong as exc:
+            self._fail(exc)
         return events
 
     def close(self) -> list[ServerSentEvent]:
         """End of stream: an unterminated last line is processed, but per the
         spec an event not followed by a blank line is never dispatched."""
         if self._buffer and self.error is None:
-            self._line(self._buffer)
+            try:
+                self._line(self._buffer)
+            except LineTooLong as exc:
+                self._fail(exc)
             self._buffer = b""
         return []
+
+    def _fail(self, error: LineTooLong) -> None:
+        """Stop for good, letting go of the event and the line held so far."""
+        self.error = error
+        self._buffer = b""
+        self._data = []
+        self._held = 0
 
     def _line(self, raw: bytes) -> ServerSentEvent | None:
         line = raw.decode("utf-8", "replace")
@@ -129,14 +154,22 @@ class SSEDecoder:
         if colon and value[:1] == " ":
             value = value[1:]
         if name == "data":
+            if self._has_data:
+                self._held += len(raw)
+                if self._held > self._max_line:
+                    raise EventTooLong(self._max_line)
+            else:
+                # The first line is within the line limit already.
+                self._has_data = True
+                self._held = len(raw)
             self._data.append(value)
-            self._has_data = True
         elif name == "event":
             self._event = value
         elif name == "id":
             if "\0" not in value:
                 self._last_id = value
-        elif name == "retry" and value.isascii() and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit() and len(value) <= 19:
+            # Past 4,300 digits Python would refuse to read it at all; no sane retry needs 20.
             self._retry = int(value)
         return None
 

@@ -34,6 +34,7 @@ from ..errors import (
     UpstreamProtocolError,
     UpstreamStatusError,
     UpstreamTimeout,
+    excerpt,
     redact,
 )
 from .chunks import ChunkTranslator, Event, coalesce
@@ -112,10 +113,10 @@ async def stream_chat(
             if response.content_type != "text/event-stream":
                 raise UpstreamProtocolError(
                     f"the provider answered {response.content_type or 'without a content type'} "
-                    f"instead of an event stream: {await _error_message(response)}"
+                    f"instead of an event stream: {await _error_message(response, upstream.api_key)}"
                 )
             decoder = SSEDecoder(max_line)
-            translator = ChunkTranslator(upstream.think)
+            translator = ChunkTranslator(upstream.think, upstream.api_key)
             async for chunk in response.content.iter_any():
                 if received:
                     silence.heard()
@@ -181,8 +182,10 @@ async def stream_chat(
             f"the connection to the provider broke: {exc}", code="upstream_disconnected", retryable=True
         ) from None
     except aiohttp.ClientError as exc:
-        logger.warning("upstream request failed: %r", exc)
-        raise UpstreamError(f"the request to the provider failed: {exc}") from None
+        # Not its repr: some (TooManyRedirects) carry the request's headers, the key among them.
+        failure = redact(f"{type(exc).__name__}: {exc}", upstream.api_key)
+        logger.warning("upstream request failed: %s", failure)
+        raise UpstreamError(f"the request to the provider failed: {failure}") from None
     finally:
         silence.cancel()
 
@@ -215,7 +218,7 @@ async def _open(
             if response.status < 400:
                 return response
             async with response:
-                failure = UpstreamStatusError(response.status, await _error_message(response))
+                failure = UpstreamStatusError(response.status, await _error_message(response, upstream.api_key))
                 retry_after = _retry_after(response.headers.get("Retry-After"))
             if response.status != 429 and response.status < 500:
                 raise failure
@@ -324,8 +327,8 @@ class _Silence:
             self._handle = self._loop.call_at(expires, self._check)
 
 
-async def _error_message(response: aiohttp.ClientResponse) -> str:
-    """The provider's own words, from the JSON error shapes providers use."""
+async def _error_message(response: aiohttp.ClientResponse, secret: str | None) -> str:
+    """The provider's own words, from the JSON error shapes providers use, without ``secret``."""
     try:
         raw = await response.content.read(_ERROR_BODY_LIMIT)
     except aiohttp.ClientError:
@@ -334,11 +337,11 @@ async def _error_message(response: aiohttp.ClientResponse) -> str:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return text[:500] or f"HTTP {response.status} {response.reason or ''}".strip()
+        return excerpt(text, 500, secret) or f"HTTP {response.status} {response.reason or ''}".strip()
     if isinstance(body, dict):
         error = body.get("error", body.get("detail", body.get("message")))
         if isinstance(error, dict):
             error = error.get("message") or error.get("msg") or error
         if isinstance(error, str) and error:
-            return error[:2000]
-    return text[:500]
+            return excerpt(error, 2000, secret)
+    return excerpt(text, 500, secret)

@@ -4,8 +4,9 @@ A relay holds someone's paid API key, so an open one is an open wallet. When
 tokens are configured every API route wants one, compared in constant time.
 Each request is attributed to a *client*: its token (by fingerprint, never
 the token itself) or else its address, with ``X-Forwarded-For`` believed
-only from configured proxies. Request rates are limited per client with the
-``limits`` library.
+only from configured proxies; an IPv6 address stands for its whole network
+(``--ipv6-prefix``, a /64 by default), which one host commonly has to
+itself. Request rates are limited per client with the ``limits`` library.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Access:
     def __init__(self, config: Config, redis: Redis | None = None) -> None:
         self._tokens = [token.encode() for token in config.tokens]
         self._proxies = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
+        self._ipv6_prefix = config.ipv6_prefix
+        self._ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - config.ipv6_prefix)) - 1)
         self._limit = limits.parse(config.rate_limit)
         self._memory: MemoryStorage | None = None
         self._warned = self._failed = -math.inf
@@ -131,16 +134,29 @@ class Access:
         await self._memory.reset()
 
     def address(self, request: web.BaseRequest) -> str:
-        """The peer's address, or the client's as told by trusted proxies."""
+        """The peer's address, or the client's as told by trusted proxies (an IPv6 one as its network)."""
         peer = request.remote or "unknown"
         if not self._proxies or not self._trusted(peer):
-            return peer
+            return self._grouped(peer)
         hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", ()) for hop in header.split(",")]
         # Walk back from the nearest hop; the first address no trusted proxy vouches for is the client.
         for hop in reversed([hop for hop in hops if hop]):
             if not self._trusted(hop):
-                return hop
-        return peer
+                return self._grouped(hop)
+        return self._grouped(peer)
+
+    def _grouped(self, address: str) -> str:
+        """An IPv6 address as its ``--ipv6-prefix`` network, an IPv4-mapped one as IPv4; anything else as is."""
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv4Address):
+            return address
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        # What str(ip_network(..., strict=False)) gives, at less than half its cost (per request).
+        return f"{ipaddress.IPv6Address(int(ip) & self._ipv6_mask)}/{self._ipv6_prefix}"
 
     def _trusted(self, address: str) -> bool:
         try:

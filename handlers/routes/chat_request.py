@@ -6,6 +6,7 @@ nothing malformed ever reaches the provider or raises past the handler.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from aiohttp import web
 from ..config import Config
 from ..errors import RequestError
 
-__all__ = ["ChatRequest", "read_chat_request"]
+__all__ = ["ChatRequest", "read_body", "read_chat_request"]
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 _BODY_FIELDS = ("messages", "model", "temperature", "top_p", "max_tokens", "tools", "tool_choice")
@@ -45,7 +46,14 @@ async def read_chat_request(request: web.Request, config: Config) -> ChatRequest
     """``GET ?prompt=…&system=…&model=…`` or ``POST`` with a JSON body."""
     if request.method == "GET":
         return _from_query(request.query, config)
-    body = await _read_body(request, config.max_body_bytes)
+    if request.content_type != "application/json":
+        # A page may send text/plain or a form to any server without asking (no CORS preflight); JSON it may not.
+        raise RequestError(
+            "send the body as JSON, with 'Content-Type: application/json'",
+            code="unsupported_media_type",
+            http_status=415,
+        )
+    body = await read_body(request, config.max_body_bytes, config.body_timeout)
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -66,16 +74,36 @@ def _from_query(query: Mapping[str, str], config: Config) -> ChatRequest:
     return ChatRequest(tuple(messages), _model(query.get("model"), config), {})
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; say 413 instead of buffering more."""
+async def read_body(request: web.Request, limit: int, within: float) -> bytes:
+    """Read at most ``limit`` bytes within ``within`` seconds; say 413 instead of buffering more, 408 if slower.
+
+    aiohttp waits for a body as long as its client likes, so a client that
+    announces a body and sends none would hold its connection for ever.
+    """
     too_large = RequestError(f"the body is larger than {limit} bytes", code="body_too_large", http_status=413)
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout(within):
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        # The rest will never be read: with the body over, aiohttp closes the connection after the 408
+        # instead of waiting (lingering) for bytes that do not come.
+        request.content.feed_eof()
+        raise RequestError(
+            f"the request body did not arrive within {within:g} s", code="body_timeout", http_status=408
+        ) from None
+    except web.RequestPayloadError:
+        # Its Content-Encoding does not decode (aiohttp decompresses as it reads): the rest cannot be read either.
+        request.content.feed_eof()
+        encoding = request.headers.get("Content-Encoding", "none")[:50]
+        raise RequestError(
+            f"the request body does not decode as its Content-Encoding ({encoding!r}) says", code="unreadable_body"
+        ) from None
     return bytes(body)
 
 
@@ -103,10 +131,12 @@ def _from_json(data: Any, config: Config) -> ChatRequest:
         tools = data["tools"]
         if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
             raise RequestError("tools must be a list of objects", code="invalid_parameter")
+        _check_writable({"tools": tools}, "tools", "invalid_parameter")
         options["tools"] = tools
     if data.get("tool_choice") is not None:
         if not isinstance(data["tool_choice"], (str, dict)):
             raise RequestError("tool_choice must be a string or an object", code="invalid_parameter")
+        _check_writable({"tool_choice": data["tool_choice"]}, "tool_choice", "invalid_parameter")
         options["tool_choice"] = data["tool_choice"]
     return ChatRequest(messages, _model(data.get("model"), config), options)
 
@@ -131,6 +161,8 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
         calls = message.get("tool_calls")
         if calls is not None and (role != "assistant" or not isinstance(calls, list)):
             raise RequestError(f"{where}.tool_calls must be a list on an assistant message", code="invalid_messages")
+        if calls:
+            _check_writable({"messages": [{"tool_calls": calls}]}, f"{where}.tool_calls", "invalid_messages")
         if not isinstance(content, str) and not (content is None and calls):
             raise RequestError(f"{where}.content must be a string", code="invalid_messages")
         if role == "tool" and not isinstance(message.get("tool_call_id"), str):
@@ -140,6 +172,15 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
                 raise RequestError(f"{where}.{name} must be a string", code="invalid_messages")
         out.append(dict(message))
     return tuple(out)
+
+
+def _check_writable(where: dict[str, Any], name: str, code: str) -> None:
+    """Refuse a value nested deeper than the provider request can be written (orjson writes 254 levels,
+    though it reads 1,024); ``where`` puts it as deep as it will be in that request."""
+    try:
+        orjson.dumps(where)
+    except orjson.JSONEncodeError:
+        raise RequestError(f"{name} is nested too deeply", code=code) from None
 
 
 def _check_size(messages: Sequence[dict[str, Any]], config: Config) -> None:

@@ -26,7 +26,7 @@ import aiohttp
 import orjson
 
 from ..config import Config
-from ..errors import ClientGone, RelayError, UpstreamError
+from ..errors import ClientGone, RelayError, UpstreamError, let_go_of_cancellation
 from ..metrics import Metrics
 from ..provider.upstream import Upstream, stream_chat
 from ..routes.chat_request import ChatRequest
@@ -333,7 +333,8 @@ class Generation:
             # Ended elsewhere (taken for dead while this process stalled): its log already has its end.
             self.outcome = "ended_elsewhere"
         except RelayError as exc:
-            failure = exc
+            # Kept past this block, with its traceback it would tie this frame (and the stream) into a cycle.
+            failure = exc.with_traceback(None)
         except Exception:
             logger.exception("stream %s failed", self.id)
             failure = RelayError("the relay failed unexpectedly; see the server log")
@@ -397,7 +398,8 @@ def _logfmt(value: object) -> str:
         return "-"
     text = str(value)
     if not text or any(c.isspace() or c in '="\\' or not c.isprintable() for c in text):
-        return orjson.dumps(text).decode()
+        # Lone surrogates (undecodable bytes a client sent, as aiohttp decodes headers) are not UTF-8.
+        return orjson.dumps(text.encode("utf-8", "backslashreplace").decode()).decode()
     return text
 
 
@@ -473,6 +475,7 @@ class Streams:
         self._running += 1
         self.store.watch(stream_id, generation)
         generation.task = asyncio.create_task(self._run(generation, session, upstream, chat))
+        generation.task.add_done_callback(let_go_of_cancellation)
         return generation
 
     async def _run(
@@ -560,6 +563,7 @@ class Streams:
         """Wake readers whose client has gone, and drop those stalled on a write, within about a second."""
         loop = asyncio.get_running_loop()
         stall_timeout = self.config.stall_timeout
+        reader: Reader | None = None
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = loop.time()
@@ -569,6 +573,8 @@ class Streams:
                     reader.sink.abort()
                 elif reader.sink.gone:
                     reader.wake()
+            # Not kept while asleep: the last reader looked at (its connection, its stream) would stay referenced.
+            reader = None
 
     async def drain(self) -> None:
         """Graceful shutdown: refuse new streams, let running ones finish up to the deadline, then end them."""
