@@ -550,8 +550,9 @@ async def test_another_token_gets_404_on_any_process(relays: Relays, http: aioht
         ("{thinkstream}:1", 404),
         ("x" * 5000 + ":1", 404),
         ("abc:" + "9" * 50, 404),
+        ("abc:" + "9" * 5000, 400),
     ],
-    ids=["no seq", "hash tag", "long id", "huge seq of no stream"],
+    ids=["no seq", "hash tag", "long id", "long seq of no stream", "seq past any number"],
 )
 async def test_a_malformed_or_foreign_last_event_id_is_refused_never_a_store_error(
     relays: Relays, http: aiohttp.ClientSession, header: str, status: int
