@@ -140,10 +140,17 @@ class Access:
             return self._grouped(peer)
         hops = [hop.strip() for header in request.headers.getall("X-Forwarded-For", ()) for hop in header.split(",")]
         # Walk back from the nearest hop; the first address no trusted proxy vouches for is the client.
+        # A hop that is no address at all ends the walk at the last real one: a client is never named
+        # by header text, which would reach logs and Redis keys.
+        client = peer
         for hop in reversed([hop for hop in hops if hop]):
-            if not self._trusted(hop):
-                return self._grouped(hop)
-        return self._grouped(peer)
+            address = _address(hop)
+            if address is None:
+                break
+            client = address
+            if not self._trusted(address):
+                break
+        return self._grouped(client)
 
     def _grouped(self, address: str) -> str:
         """An IPv6 address as its ``--ipv6-prefix`` network, an IPv4-mapped one as IPv4; anything else as is."""
@@ -166,9 +173,27 @@ class Access:
         return any(ip in network for network in self._proxies)
 
 
+def _address(hop: str) -> str | None:
+    """An ``X-Forwarded-For`` hop as an IP address, its port dropped (some gateways add one); None if it is none."""
+    candidates = [hop]
+    if hop.startswith("[") and "]" in hop:
+        candidates.append(hop[1 : hop.index("]")])  # [v6]:port
+    elif hop.count(":") == 1:
+        candidates.append(hop.partition(":")[0])  # v4:port
+    for candidate in candidates:
+        try:
+            return str(ipaddress.ip_address(candidate))
+        except ValueError:
+            continue
+    return None
+
+
 def _bearer(request: web.BaseRequest) -> bytes:
-    """The token from ``Authorization: Bearer``, or ``?access_token=`` (RFC 6750 §2.3), for EventSource."""
+    """The token from ``Authorization: Bearer``, or ``?access_token=`` (RFC 6750 §2.3), for EventSource.
+
+    Bytes that are not UTF-8 (aiohttp keeps them as surrogates) make a token that matches none.
+    """
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and token.strip():
-        return token.strip().encode()
-    return request.query.get("access_token", "").encode()
+        return token.strip().encode("utf-8", "surrogateescape")
+    return request.query.get("access_token", "").encode("utf-8", "surrogateescape")
