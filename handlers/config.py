@@ -382,7 +382,7 @@ def _validate(config: Config) -> None:
     if not 0 <= config.port <= 65535:
         raise ConfigError(f"port must be between 0 and 65535, not {config.port}")
     if config.base_url is not None:
-        check_base_url(config.base_url)
+        check_base_url(config.base_url, config.api_key)
         if not config.model:
             raise ConfigError(
                 "no model is set for the provider: set LLM_MODEL or pass --model "

@@ -253,8 +253,9 @@ async def test_server_py_with_a_bad_file_exits_with_status_2_and_says_where_and_
 async def test_server_py_names_its_file_and_providers_at_start_up_without_any_secret(tmp_path: Path) -> None:
     path = tmp_path / "relay.toml"
     path.write_text(
-        '[[providers]]\nname = "local"\nbase_url = "http://user:pw-333@127.0.0.1:9/v1?key=q-444"\n'
+        '[[providers]]\nname = "local"\nbase_url = "http://127.0.0.1:9/v1?key=q-444"\n'
         'api_key_env = "LOCAL_KEY"\nmodels = ["m", "n"]\n'
+        '[[providers]]\nname = "gateway"\nbase_url = "http://user:pw-333@127.0.0.1:8/v1"\nmodels = ["g"]\n'
     )
     process, _, log = await start_server("--config", str(path), env=clean_env(LOCAL_KEY="sk-local-555"))
     _, rest = await stop_server(process)

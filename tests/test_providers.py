@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from helpers import FakeProvider, Reply, chunk, collect, sse, text_of
+from helpers import FakeProvider, RelayFactory, Reply, chunk, collect, serve_provider, sse, text_of
 
 from handlers.app import create_app
-from handlers.config import load_config
+from handlers.config import Config, ConfigError, load_config
 
 Client = TestClient[web.Request, web.Application]
 ServerFactory = Callable[..., Awaitable[TestServer]]
@@ -155,7 +155,9 @@ async def test_models_lists_every_model_with_its_providers_name_and_never_a_url_
 ) -> None:
     # A URL may carry secrets of its own (a user and password, a key in the query).
     text = two_providers(alpha, beta).replace(beta.base_url, beta.base_url.replace("//", "//user:pw-333@") + "?k=q-444")
-    client = await relay_from_file(text, KEYS)
+    # One Authorization header carries the URL's user and password or a key, not both.
+    text = text.replace('api_key_env = "BETA_KEY"\n', "")
+    client = await relay_from_file(text, {"ALPHA_KEY": KEYS["ALPHA_KEY"]})
 
     async with client.get("/models") as response:
         body = await response.text()
@@ -223,3 +225,50 @@ async def test_the_pages_model_picker_groups_the_models_under_their_providers(
         ["alpha", [["alpha-reasoner", "alpha-reasoner"], ["alpha-qwq", "alpha-qwq"]]],
     ]
     assert errors == []
+
+
+async def test_a_base_url_with_a_query_keeps_it_on_every_call(
+    aiohttp_server: Callable[..., Awaitable[Any]], relay_to: RelayFactory
+) -> None:
+    # Azure's api-version, a gateway's key: the query belongs after /chat/completions, not inside it.
+    seen: list[str] = []
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
+        seen.append(request.path_qs)
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse(chunk(content="Hi"), chunk(finish="stop"), "[DONE]"))
+        return response
+
+    base = await serve_provider(aiohttp_server, chat_completions)
+    client = await relay_to(base_url=base + "?api-version=2024-10-21", model="m")
+
+    events = await collect(client, params={"prompt": "hi"})
+
+    assert text_of(events, "content") == "Hi"
+    assert seen == ["/v1/chat/completions?api-version=2024-10-21"]
+
+
+def test_a_base_url_with_a_user_and_password_and_a_key_too_is_refused_at_start_up() -> None:
+    with pytest.raises(ConfigError) as refused:
+        Config(base_url="https://user:pw-333@gateway.example/v1", model="m", api_key="sk-key-1234567")
+
+    assert "user:password@" in str(refused.value)
+    assert "pw-333" not in str(refused.value)
+
+
+async def test_a_failed_request_tells_neither_client_nor_log_the_base_urls_query(
+    aiohttp_server: Callable[..., Awaitable[Any]], relay_to: RelayFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def redirects_forever(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(location=str(request.rel_url))
+
+    base = await serve_provider(aiohttp_server, redirects_forever)
+    client = await relay_to(base_url=base + "?key=q-444", model="m")
+
+    events = await collect(client, params={"prompt": "hi"})
+
+    assert events[-1].event == "error"
+    assert "redirected" in events[-1].data["message"]
+    assert "q-444" not in str(events[-1].data) and "q-444" not in caplog.text

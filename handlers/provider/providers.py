@@ -74,7 +74,7 @@ class Provider:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name or self.name != self.name.strip():
             raise ConfigError(f"a provider needs a name without spaces around it, not {self.name!r}")
-        check_base_url(self.base_url)
+        check_base_url(self.base_url, self.api_key)
         models = tuple(self.models)
         if not models or not all(isinstance(m, Model) for m in models):
             raise ConfigError(f"provider {self.name!r} needs at least one model")
@@ -99,13 +99,24 @@ class Provider:
         return public_url(self.base_url)
 
 
-def check_base_url(base_url: Any) -> None:
-    """An absolute http(s) URL, as ``--base-url`` and a provider's ``base_url`` must be."""
+def check_base_url(base_url: Any, api_key: str | None = None) -> None:
+    """An absolute http(s) URL, as ``--base-url`` and a provider's ``base_url`` must be.
+
+    The messages show it without its user, password and query, which may be secret.
+    """
     url = URL(base_url) if isinstance(base_url, str) else None
     if url is None or url.scheme not in ("http", "https") or not url.host:
+        shown = public_url(base_url) if url is not None and url.host else base_url
+        if isinstance(shown, str) and url is not None and (url.user or url.password or url.query_string):
+            shown = "(not shown: it carries a user, password or query)"
         raise ConfigError(
-            f"base URL {base_url!r} must be an absolute http:// or https:// URL, "
+            f"base URL {shown!r} must be an absolute http:// or https:// URL, "
             "for example https://api.deepseek.com or http://localhost:11434/v1"
+        )
+    if api_key and (url.user or url.password):
+        raise ConfigError(
+            f"base URL {public_url(base_url)!r} carries a user and password, and a key is set too: one "
+            "Authorization header can carry only one of them; drop the user:password@ or unset the key"
         )
 
 

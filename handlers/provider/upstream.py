@@ -27,6 +27,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from ..errors import (
     UpstreamConnectError,
@@ -66,8 +67,9 @@ class Upstream:
     name: str = ""
 
     @property
-    def url(self) -> str:
-        return self.base_url.rstrip("/") + "/chat/completions"
+    def url(self) -> URL:
+        """``<base>/chat/completions``, the base URL's query kept (Azure's api-version, a gateway's key)."""
+        return endpoint(self.base_url, "chat/completions")
 
     def request_headers(self) -> dict[str, str]:
         """The provider's own headers, then the relay's, which win."""
@@ -182,12 +184,28 @@ async def stream_chat(
             f"the connection to the provider broke: {exc}", code="upstream_disconnected", retryable=True
         ) from None
     except aiohttp.ClientError as exc:
-        # Not its repr: some (TooManyRedirects) carry the request's headers, the key among them.
-        failure = redact(f"{type(exc).__name__}: {exc}", upstream.api_key)
-        logger.warning("upstream request failed: %s", failure)
+        # Neither its repr nor its text: some (TooManyRedirects) carry the request's headers, the key
+        # among them, or its URL, whose query may hold a key too.
+        failure = _described(exc)
+        logger.warning("upstream request to %s failed: %s", upstream.name or "the provider", failure)
         raise UpstreamError(f"the request to the provider failed: {failure}") from None
     finally:
         silence.cancel()
+
+
+def endpoint(base_url: str, path: str) -> URL:
+    """``path`` under the base URL, its query kept."""
+    base = URL(base_url)
+    return base.with_path(base.path.rstrip("/") + "/" + path, keep_query=True)
+
+
+def _described(exc: aiohttp.ClientError) -> str:
+    """What went wrong with a request, without the URL or headers aiohttp puts in its exceptions' text."""
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return "the provider redirected too many times"
+    if isinstance(exc, aiohttp.ClientResponseError):
+        return f"{type(exc).__name__} (HTTP {exc.status})"
+    return type(exc).__name__
 
 
 async def _open(
@@ -209,6 +227,9 @@ async def _open(
         retry_after: float | None = None
         try:
             response = await session.post(upstream.url, data=body, headers=headers)
+        except ValueError as exc:
+            # aiohttp refuses the request itself (a user:password@ base URL and a key together).
+            raise UpstreamError(f"the request to the provider could not be made: {type(exc).__name__}") from None
         except aiohttp.ClientConnectorError as exc:
             if not isinstance(exc.os_error, ConnectionRefusedError) or isinstance(exc, aiohttp.ClientConnectorDNSError):
                 raise
@@ -228,7 +249,7 @@ async def _open(
             raise failure
         logger.warning(
             "provider %s: %s; trying again in %.1f s (retry %d of %d)",
-            upstream.name or upstream.url,
+            upstream.name or "the provider",
             "connection refused" if reason == "unreachable" else f"HTTP {reason}",
             wait,
             attempt + 1,

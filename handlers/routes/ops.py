@@ -13,6 +13,7 @@ from ..errors import RelayError
 from ..keys import client_session_key, config_key, providers_key, streams_key
 from ..metrics import render_processes
 from ..provider.providers import Provider
+from ..provider.upstream import endpoint
 
 __all__ = ["healthz", "metrics", "models", "readyz"]
 
@@ -54,7 +55,7 @@ async def _check(session: aiohttp.ClientSession, provider: Provider, named: bool
     headers = dict(provider.headers)
     if provider.api_key:
         headers["Authorization"] = f"Bearer {provider.api_key}"
-    url = provider.base_url.rstrip("/") + "/models"
+    url = endpoint(provider.base_url, "models")
     try:
         async with asyncio.timeout(_READY_TIMEOUT), session.get(url, headers=headers) as response:
             status = response.status
