@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import ipaddress
 import math
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -342,6 +343,8 @@ class Config:
     def __post_init__(self) -> None:
         object.__setattr__(self, "providers", tuple(self.providers))
         _validate(self)
+        # As browsers send them, so that "https://App.example.com/" matches their Origin.
+        object.__setattr__(self, "cors_origins", tuple(normal_origin(o) for o in self.cors_origins))
 
     @property
     def uses_demo(self) -> bool:
@@ -376,6 +379,16 @@ class Config:
 def settings() -> tuple[dataclasses.Field[Any], ...]:
     """The declared settings, in order."""
     return dataclasses.fields(Config)
+
+
+def normal_origin(origin: str) -> str:
+    """An origin as browsers send it: lower-case scheme and host, no default port, no final slash."""
+    url = URL(origin.strip())
+    if not url.scheme or not url.host:
+        return origin.strip()
+    port = "" if url.is_default_port() else f":{url.port}"
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{url.scheme.lower()}://{host.lower()}{port}"
 
 
 def _validate(config: Config) -> None:
@@ -442,16 +455,31 @@ def _validate(config: Config) -> None:
     if any(not t or t != t.strip() for t in config.tokens):
         raise ConfigError("tokens must be non-empty and without spaces around them")
     if config.redis_url is not None:
-        scheme = config.redis_url.partition("://")[0]
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError(
-                "the Redis URL must start with redis://, rediss:// or unix:// (for example redis://localhost:6379/0)"
-            )
+        _validate_redis_url(config.redis_url)
     if not config.redis_prefix or any(c.isspace() or c in "{}" for c in config.redis_prefix):
         raise ConfigError(f"redis prefix {config.redis_prefix!r} must be non-empty, without spaces or braces")
     if any(not m or m != m.strip() for m in config.models):
         raise ConfigError(f"models must be non-empty names without spaces around them: {config.models!r}")
     _validate_providers(config)
+
+
+def _validate_redis_url(url: str) -> None:
+    """A URL redis-py can use; the messages never repeat it, as it may hold a password."""
+    example = "for example redis://localhost:6379/0"
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"the Redis URL must start with redis://, rediss:// or unix:// ({example})")
+    try:
+        parts.port  # noqa: B018  # raises for a port that is not a number
+    except ValueError:
+        raise ConfigError(f"the Redis URL's port must be a number ({example})") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError("a unix:// Redis URL needs the socket's path, for example unix:///run/redis.sock")
+    elif not parts.hostname:
+        raise ConfigError(f"the Redis URL needs a host ({example})")
+    elif parts.path.strip("/") and not parts.path.strip("/").isdigit():
+        raise ConfigError(f"the Redis URL's path is the database's number ({example})")
 
 
 def _validate_providers(config: Config) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,7 +46,7 @@ def read_config_file(path: str, fields: Sequence[dataclasses.Field[Any]], enviro
         setting = known.get(key)
         if setting is None:
             raise ConfigError(f"{where}: {_unknown(key, known, 'setting', 'python server.py --help lists them')}")
-        if setting.metadata["secret"]:
+        if setting.metadata["secret"] and not _no_secret_in(key, value):
             env = " or ".join(setting.metadata["env"])
             raise ConfigError(f"{where}: secrets stay out of files; set {env} in the environment instead")
         if key == "providers":
@@ -53,6 +54,16 @@ def read_config_file(path: str, fields: Sequence[dataclasses.Field[Any]], enviro
         else:
             values[key] = _typed(setting, value, where)
     return values
+
+
+def _no_secret_in(key: str, value: Any) -> bool:
+    """A secret setting's value that holds no secret: a Redis URL without a password."""
+    if key != "redis_url" or not isinstance(value, str):
+        return False
+    try:
+        return urllib.parse.urlsplit(value).password is None
+    except ValueError:
+        return False
 
 
 def _typed(setting: dataclasses.Field[Any], value: Any, where: str) -> Any:

@@ -1031,6 +1031,17 @@ async def test_a_listed_origin_may_post_a_stream_with_a_token(relay_to: RelayFac
     assert types(events)[-1] == "done"
 
 
+@pytest.mark.parametrize("listed", ["https://App.Example/", "https://app.example:443"])
+async def test_a_listed_origin_is_matched_as_browsers_send_it(
+    relay_to: RelayFactory, answers: FakeProvider, listed: str
+) -> None:
+    client = await relay_to(cors_origins=(listed,))
+
+    async with client.get("/models", headers={"Origin": APP, "Sec-Fetch-Site": "cross-site"}) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == APP
+
+
 async def test_a_listed_origin_can_read_a_refusal(relay_to: RelayFactory, answers: FakeProvider) -> None:
     # Without Access-Control-Allow-Origin on the 401 the page could not tell its user what went wrong.
     client = await relay_to(tokens=TOKENS, cors_origins=(APP,))
@@ -1265,6 +1276,18 @@ async def test_allowed_hosts_adds_names(relay_to: RelayFactory, answers: FakePro
     async with client.get("/healthz", headers={"Host": "Chat.Example.Com:443"}) as named_with_a_port:
         assert named_with_a_port.status == 200
     async with client.get("/healthz", headers={"Host": "other.example.com"}) as other:
+        assert other.status == 421
+
+
+async def test_allowed_hosts_takes_an_ipv6_address_with_or_without_brackets(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    client = await relay_to(allowed_hosts=("2001:db8::5", "[2001:db8::6]"))
+
+    for host in ("[2001:db8::5]:8080", "[2001:db8::6]"):
+        async with client.get("/healthz", headers={"Host": host}) as named:
+            assert named.status == 200, host
+    async with client.get("/healthz", headers={"Host": "[2001:db8::7]"}) as other:
         assert other.status == 421
 
 

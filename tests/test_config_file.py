@@ -125,6 +125,13 @@ def test_embedders_build_providers_as_typed_records() -> None:
     assert (config.default_model, config.allowed_models, config.uses_demo) == ("m2", ("m2", "m1"), False)
 
 
+def test_a_redis_url_without_a_password_may_be_in_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "relay.toml"
+    path.write_text('redis_url = "redis://redis.internal:6379/2"\n')
+
+    assert load_config(["--config", str(path)], {}).redis_url == "redis://redis.internal:6379/2"
+
+
 # A bad file stops start-up, naming the file, the key (or line) and what to fix.
 
 BAD_FILES = [
@@ -135,6 +142,12 @@ BAD_FILES = [
     pytest.param('rate_limit = "lots"\n', ["rate_limit", "N/minute"], id="a bad rate limit"),
     pytest.param('tokens = ["tok"]\n', ["tokens", "THINKSTREAM_TOKENS", "environment"], id="a secret setting"),
     pytest.param('api_key = "sk-x"\n', ["api_key", "LLM_API_KEY", "environment"], id="a key at the top"),
+    pytest.param(
+        'redis_url = "redis://:pw-1@localhost:6379/0"\n',
+        ["redis_url", "REDIS_URL", "environment"],
+        id="a Redis URL with a password",
+    ),
+    pytest.param('redis_url = "redis://localhost:six/0"\n', ["port must be a number"], id="a Redis URL without a port"),
     pytest.param('config_file = "other.toml"\n', ["config_file", "unknown setting"], id="a file naming a file"),
     pytest.param(
         '[[providers]]\nname = "a"\nbase_url = "http://a/v1"\napi_key = "sk-x"\nmodels = ["m"]\n',

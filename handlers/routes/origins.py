@@ -26,7 +26,7 @@ import ipaddress
 from aiohttp import web
 from yarl import URL
 
-from ..config import Config
+from ..config import Config, normal_origin
 from ..errors import RelayError
 
 __all__ = ["LOOPBACK_NAMES", "Origins"]
@@ -45,7 +45,7 @@ class Origins:
         # Listed names make the check apply to every connection, not only to loopback ones.
         self._hosts_listed = bool(config.allowed_hosts)
         self._any_origin = "*" in config.cors_origins
-        self._origins = frozenset(config.cors_origins)
+        self._origins = frozenset(config.cors_origins)  # normalised by Config
 
     def check_host(self, request: web.BaseRequest) -> None:
         """Refuse (421) a request whose Host names this relay by a name it does not answer to."""
@@ -73,7 +73,7 @@ class Origins:
             return
         headers = request.headers
         origin = headers.get("Origin")
-        if origin is not None and origin in self._origins:
+        if origin is not None and normal_origin(origin) in self._origins:
             return
         site = headers.get("Sec-Fetch-Site")
         if site is not None:
@@ -91,6 +91,10 @@ class Origins:
 def _name(host: str) -> str:
     """The name in a Host header or setting: no port, no IPv6 brackets, lower case, no final dot."""
     host = host.strip().lower()
+    try:
+        return str(ipaddress.ip_address(host))  # a bare IPv6 address: its colons are not a port
+    except ValueError:
+        pass
     if host.startswith("["):
         host = host[1:].partition("]")[0]
     else:
