@@ -28,9 +28,12 @@ logger = logging.getLogger("thinkstream")
 _AFTER_DRAIN = 0.5
 
 
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Start the server; return the process exit status."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format=_LOG_FORMAT, level=logging.INFO)
     try:
         config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
     except ConfigError as exc:
@@ -92,6 +95,10 @@ async def app_factory() -> web.Application:
     """The app configured from the environment, for process managers such as gunicorn:
     ``gunicorn 'server:app_factory' --worker-class aiohttp.GunicornWebWorker``."""
     config = load_config([], os.environ)
+    # gunicorn configures only its own loggers: without this, the relay's (each stream's line) go nowhere.
+    logging.basicConfig(format=_LOG_FORMAT)
+    for name in ("thinkstream", "handlers"):
+        logging.getLogger(name).setLevel(config.log_level.upper())
     app = create_app(config)
     tune_process(config.max_streams)
     quiet_accept_errors(asyncio.get_running_loop())

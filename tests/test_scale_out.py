@@ -801,5 +801,6 @@ async def test_under_gunicorn_each_worker_serves_streams_and_metrics_count_both(
 
     processes = set(re.findall(r'thinkstream_active_streams\{process="([^"]+)"\}', text))
     assert len(processes) == 2, text
+    assert gunicorn.log.count(b"stream ended stream=") >= 20, "each worker logs its streams"
     done = re.findall(r'thinkstream_streams_total\{outcome="done",process="[^"]+"\} (\S+)', text)
     assert sum(float(n) for n in done) == 20

@@ -255,9 +255,10 @@ async def _open(
             attempt + 1,
             retries,
         )
+        await asyncio.sleep(wait)
+        # Counted once it happens: a stream cancelled while it waits makes no retry.
         if on_retry is not None:
             on_retry(reason)
-        await asyncio.sleep(wait)
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
