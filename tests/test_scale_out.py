@@ -308,6 +308,7 @@ async def test_a_process_shutting_down_hands_its_readers_of_other_streams_back_a
     assert handed_back < 3
     assert seen[-1].event == "error"
     assert seen[-1].data["code"] == "server_shutdown" and seen[-1].data["retryable"] is True
+    assert seen[-1].data["resume"] is True, "only the connection ended, not the stream"
     assert_whole(before + seen[:-1] + rest, provider.answer())
 
 
@@ -804,3 +805,100 @@ async def test_under_gunicorn_each_worker_serves_streams_and_metrics_count_both(
     assert gunicorn.log.count(b"stream ended stream=") >= 20, "each worker logs its streams"
     done = re.findall(r'thinkstream_streams_total\{outcome="done",process="[^"]+"\} (\S+)', text)
     assert sum(float(n) for n in done) == 20
+
+
+class Balancer:
+    """A reverse proxy in front of relay processes, as a load balancer is, with two habits for the test.
+
+    It cuts the connection of the first stream after a few writes (a network drop), and sends each
+    resume to the next process in turn that still takes connections.
+    """
+
+    def __init__(self, backends: list[RelayProcess]) -> None:
+        self.backends = backends
+        self.turn = 1  # the first resume goes to another process than the one the stream started on
+        self.cut_after: int | None = 3
+        self.served_by: list[int] = []
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {
+            k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length", "connection")
+        }
+        resume = request.method == "GET" and request.path.startswith("/stream/")
+        order = self.backends[self.turn :] + self.backends[: self.turn] if resume else self.backends
+        if resume:
+            self.turn = (self.turn + 1) % len(self.backends)
+        async with aiohttp.ClientSession(auto_decompress=False) as session:
+            for backend in order:
+                try:
+                    upstream = await session.request(
+                        request.method, backend.url(str(request.rel_url)), headers=headers, data=body
+                    )
+                except aiohttp.ClientConnectionError:
+                    continue  # Not taking connections (shutting down): the next one.
+                break
+            else:
+                return web.Response(status=502)
+            self.served_by.append(backend.port)
+            async with upstream:
+                response = web.StreamResponse(status=upstream.status)
+                for name in ("Content-Type", "Cache-Control"):
+                    if name in upstream.headers:
+                        response.headers[name] = upstream.headers[name]
+                await response.prepare(request)
+                cut = None
+                if request.method == "POST":
+                    cut, self.cut_after = self.cut_after, None
+                writes = 0
+                async for data in upstream.content.iter_any():
+                    await response.write(data)
+                    writes += 1
+                    if cut is not None and writes >= cut:
+                        assert request.transport is not None
+                        request.transport.abort()
+                        return response
+                return response
+
+
+async def test_the_page_follows_a_stream_across_processes_and_a_process_going_away(
+    relays: Relays, provider: Ticking, aiohttp_server: Callable[..., Awaitable[TestServer]], browser: Any
+) -> None:
+    # Behind a balancer the page's resumes land on any process; one shutting down hands it back.
+    provider.count, provider.interval = 80, 0.05
+    a, b = await relays(2)
+    balancer = Balancer([a, b])
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", balancer.handle)
+    front = await aiohttp_server(app)
+    page = await browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    try:
+        await page.goto(str(front.make_url("/")))
+        await page.wait_for_selector("#model option", state="attached", timeout=20_000)
+        await page.fill("#prompt", "hello")
+        await page.press("#prompt", "Enter")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 20
+        while b.port not in balancer.served_by:  # the first drop was resumed on b
+            assert loop.time() < deadline, f"the page never resumed on b: {balancer.served_by}"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        b.process.send_signal(signal.SIGTERM)
+        await page.wait_for_function(
+            """() => {
+                const answer = document.querySelector("#messages article.assistant");
+                return answer && answer.getAttribute("aria-busy") === "false";
+            }""",
+            timeout=30_000,
+        )
+        shown = await page.locator("#messages article.assistant .answer").inner_text()
+        errors = await page.locator("#messages article.assistant .error").count()
+    finally:
+        await page.close()
+
+    assert shown.split() == provider.answer().split()
+    assert errors == 0 and problems == []
+    assert len(provider.calls) == 1, "one generation, resumed twice"
+    assert balancer.served_by.count(a.port) >= 2, "handed back to a after b went away"

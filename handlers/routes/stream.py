@@ -137,9 +137,13 @@ async def _follow(
             with contextlib.suppress(ClientGone):
                 await sink.send(error.event())
         except RelayError as exc:
-            # The store failed while this connection followed a stream that runs elsewhere.
+            # This connection ends, not the stream (it runs in another process, which goes on): this
+            # process is shutting down, or the store failed. Not in the log, so with no id; the client
+            # resumes from the last id it has.
+            event = exc.event()
+            event["resume"] = True
             with contextlib.suppress(ClientGone):
-                await sink.send(exc.event())
+                await sink.send(event)
         except Exception:
             # The response has begun, so the JSON error answer is no longer possible: an error event instead.
             logger.exception("sending stream %s to a client failed", log.stream_id)

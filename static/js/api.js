@@ -82,6 +82,9 @@ export class Api {
     let ended = false;
     let stopped = false;
     const take = (event, at) => {
+      // Only this connection ended (its server is going away, say); the stream goes on elsewhere.
+      // Not in the stream's log, so not counted: the resume below picks up after the last event.
+      if (event.type === "error" && event.resume === true) return;
       if (arrival.first === null) arrival.first = at;
       arrival.last = at;
       seq += 1;
