@@ -252,7 +252,8 @@ class Config:
     )
     max_streams: int = _setting(
         5000,
-        "Most generations running at once in this process (more: 503 with Retry-After).",
+        "Most generations running at once in this process, or with --redis-url in all processes together "
+        "(more: 503 with Retry-After).",
         env=["THINKSTREAM_MAX_STREAMS"],
         flag="--max-streams",
     )
