@@ -707,9 +707,10 @@ async def test_the_log_line_names_the_stream_model_client_and_the_done_events_us
     [line] = stream_lines(logs)
     done = events[-1].data
 
-    assert {name: line[name] for name in ("stream", "model", "client", "outcome")} == {
+    assert {name: line[name] for name in ("stream", "model", "provider", "client", "outcome")} == {
         "stream": events[0].data["stream"],
         "model": "test-model",
+        "provider": "127.0.0.1",  # the single-provider shorthand is named after its host
         "client": "127.0.0.1",
         "outcome": "done",
     }

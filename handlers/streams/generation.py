@@ -361,10 +361,11 @@ class Generation:
                 upstream=isinstance(failure, UpstreamError),
                 status=failure.upstream_status if failure is not None else None,
             )
-            self._log_end(ttft_ms, duration, usage, chat, answer)
+            self._log_end(upstream.name, ttft_ms, duration, usage, chat, answer)
 
     def _log_end(
         self,
+        provider: str,
         ttft_ms: float | None,
         duration: float,
         usage: dict[str, int] | None,
@@ -378,6 +379,7 @@ class Generation:
         fields: dict[str, object] = {
             "stream": self.id,
             "model": self.model,
+            "provider": provider or None,
             "client": self.client,
             "outcome": self.outcome,
             "ttft_ms": ttft_ms,
