@@ -209,3 +209,37 @@ async def test_the_bytes_counted_in_total_are_the_bytes_kept(
             kept += len(fields[b"d"]) + 32
     assert total == sum(sizes.values()) == kept
     assert total <= 64 * KIB
+
+
+async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
+    # Accepts the connection, reads everything, answers nothing: no call may wait forever.
+    held: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):
+                pass
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0")
+    store = RedisStreamStore(
+        client, prefix="mute", retention=60, stream_bytes=KIB, total_bytes=KIB, max_streams=1, client_streams=1
+    )
+    store.start()
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(Exception) as failed:
+            async with asyncio.timeout(15):
+                await store.create("s", client="c")
+        assert getattr(failed.value, "code", None) == "store_unavailable"
+        assert loop.time() - started < 8
+    finally:
+        await store.close()
+        await client.aclose()
+        server.close()
+        for writer in held:
+            writer.close()
+        await server.wait_closed()
