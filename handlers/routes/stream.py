@@ -113,8 +113,9 @@ async def _follow(
 ) -> web.StreamResponse:
     """Send the log's events after ``after`` to this connection until the stream ends."""
     config = request.config_dict[config_key]
-    # Entered before the response starts, so that a store that cannot be reached is still a JSON 503.
-    async with streams.reading(log.stream_id):
+    # Before the response starts, so that a store that cannot be reached is still a JSON 503.
+    elsewhere = await streams.join(log.stream_id)
+    try:
         sink = await open_sink(
             request,
             ndjson=ndjson,
@@ -153,6 +154,9 @@ async def _follow(
         finally:
             streams.detach(reader)
             await sink.close()
+    finally:
+        if elsewhere:
+            await streams.leave(log.stream_id)
     return sink.response
 
 

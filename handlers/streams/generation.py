@@ -19,7 +19,6 @@ import contextlib
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -503,19 +502,21 @@ class Streams:
             return None
         return log
 
-    @contextlib.asynccontextmanager
-    async def reading(self, stream_id: str) -> AsyncIterator[None]:
-        """While a connection here reads a stream whose generation runs elsewhere, a shared store knows."""
-        if stream_id in self._generations:
-            yield
-            return
+    async def join(self, stream_id: str) -> bool:
+        """A connection here starts reading ``stream_id``: True if its generation runs elsewhere.
+
+        A shared store is then told, so that the process running it knows it has a reader here;
+        :meth:`leave` when the connection is done.
+        """
+        if not self.store.shared or stream_id in self._generations:
+            return False
         await self.store.reader_joined(stream_id)
-        try:
-            yield
-        finally:
-            # A registration that cannot be withdrawn runs out by itself.
-            with contextlib.suppress(RelayError):
-                await self.store.reader_left(stream_id)
+        return True
+
+    async def leave(self, stream_id: str) -> None:
+        # A registration that cannot be withdrawn runs out by itself.
+        with contextlib.suppress(RelayError):
+            await self.store.reader_left(stream_id)
 
     def attach(self, stream_id: str, sink: EventSink) -> Reader:
         """A connection starts following ``stream_id``, writing to ``sink``."""
@@ -547,9 +548,15 @@ class Streams:
             return False
         log = await self.store.get(stream_id)
         if log is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(5), self.reading(stream_id):
+            elsewhere = await self.join(stream_id)
+            try:
+                async with asyncio.timeout(5):
                     await _until_finished(log, log.last_known)
+            except TimeoutError:
+                pass
+            finally:
+                if elsewhere:
+                    await self.leave(stream_id)
         return True
 
     def _expire_later(self, stream_id: str) -> None:
