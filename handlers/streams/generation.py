@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import re
 import secrets
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 # What the stream ids the relay makes (secrets.token_urlsafe) look like.
 _STREAM_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# Seconds with no stream running after which the watchdog collects what the last ones left in cycles.
+IDLE_COLLECT = 2.0
 
 # How often the watchdog looks for readers whose connection has closed.
 WATCH_INTERVAL = 0.5
@@ -443,6 +447,8 @@ class Streams:
         self._readers: set[Reader] = set()
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        # Whether a stream started since the watchdog's last idle collection.
+        self._started_since_collect = False
         store.share_metrics(self.metrics.snapshot)
 
     def __len__(self) -> int:
@@ -474,6 +480,7 @@ class Streams:
         generation = Generation(stream_id, chat.model, client, log, self.store, self.config.disconnect_grace)
         self._generations[stream_id] = generation
         self._running += 1
+        self._started_since_collect = True
         self.store.watch(stream_id, generation)
         generation.task = asyncio.create_task(self._run(generation, session, upstream, chat))
         generation.task.add_done_callback(let_go_of_cancellation)
@@ -573,6 +580,8 @@ class Streams:
         loop = asyncio.get_running_loop()
         stall_timeout = self.config.stall_timeout
         reader: Reader | None = None
+        # Since when nothing has run (None: something runs, or nothing ran since the last collection).
+        idle_since: float | None = None
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
             now = loop.time()
@@ -584,6 +593,19 @@ class Streams:
                     reader.wake()
             # Not kept while asleep: the last reader looked at (its connection, its stream) would stay referenced.
             reader = None
+            if self._running or self._readers:
+                idle_since = None
+            elif self._started_since_collect:
+                if idle_since is None:
+                    idle_since = now
+                elif now - idle_since >= IDLE_COLLECT:
+                    # What a burst of streams left in reference cycles (asyncio's own transports keep
+                    # one per connection on Python 3.11, CPython gh-100348) waits for a full collection,
+                    # which the raised thresholds (handlers/runtime.py) make rare: with nothing running,
+                    # one is cheap, and the memory is reused by the next burst instead of added to.
+                    self._started_since_collect = False
+                    idle_since = None
+                    gc.collect()
 
     async def drain(self) -> None:
         """Graceful shutdown: refuse new streams, let running ones finish up to the deadline, then end them."""
