@@ -50,27 +50,31 @@ class Metrics:
         self.event_counts: dict[str, int] = {}
         registry.register(_EventCounts(self.event_counts))
         self.tokens = Counter(
-            "thinkstream_tokens", "Tokens the provider reported, by kind.", ["kind"], registry=registry
+            "thinkstream_tokens",
+            "Tokens the provider reported, by kind and provider.",
+            ["kind", "provider"],
+            registry=registry,
         )
         self.upstream_errors = Counter(
             "thinkstream_upstream_errors",
-            "Provider failures, by HTTP status ('none' when there was no status).",
-            ["status"],
+            "Provider failures, by HTTP status ('none' when there was no status) and provider.",
+            ["status", "provider"],
             registry=registry,
         )
         self.resumes = Counter("thinkstream_resumes", "Connections that resumed a stream.", registry=registry)
         self.upstream_retries = Counter(
             "thinkstream_upstream_retries",
-            "Provider requests tried again before any answer came, by reason (HTTP status, or 'unreachable').",
-            ["reason"],
+            "Provider requests tried again before any answer came, by reason (HTTP status, or 'unreachable')"
+            " and provider.",
+            ["reason", "provider"],
             registry=registry,
         )
         self.rejections = Counter(
             "thinkstream_rejections", "Requests refused before streaming, by reason.", ["reason"], registry=registry
         )
 
-    def count_retry(self, reason: str) -> None:
-        self.upstream_retries.labels(reason).inc()
+    def count_retry(self, provider: str, reason: str) -> None:
+        self.upstream_retries.labels(reason, provider).inc()
 
     def count_event(self, kind: str) -> None:
         counts = self.event_counts
@@ -84,8 +88,13 @@ class Metrics:
         usage: Mapping[str, int] | None,
         upstream: bool,
         status: int | None,
+        provider: str,
     ) -> None:
-        """Record a finished stream; ``upstream`` tells whether the provider caused its failure."""
+        """Record a finished stream; ``upstream`` tells whether ``provider`` caused its failure.
+
+        The provider label tells apart the providers of one relay: whose key
+        the tokens were billed to, which one is failing.
+        """
         self.streams.labels(outcome).inc()
         self.duration.observe(duration)
         if ttft is not None:
@@ -93,9 +102,9 @@ class Metrics:
         if usage:
             for kind in ("prompt_tokens", "completion_tokens", "reasoning_tokens"):
                 if kind in usage:
-                    self.tokens.labels(kind.removesuffix("_tokens")).inc(usage[kind])
+                    self.tokens.labels(kind.removesuffix("_tokens"), provider).inc(usage[kind])
         if upstream:
-            self.upstream_errors.labels(str(status) if status is not None else "none").inc()
+            self.upstream_errors.labels(str(status) if status is not None else "none", provider).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -523,9 +523,9 @@ async def test_the_tokens_the_provider_reported_are_counted_by_kind(relay: Relay
     usage = events[-1].data["usage"]
     metrics = await scrape(client)
 
-    assert metrics("thinkstream_tokens_total", kind="prompt") == usage["prompt_tokens"]
-    assert metrics("thinkstream_tokens_total", kind="completion") == usage["completion_tokens"]
-    assert metrics("thinkstream_tokens_total", kind="reasoning") == usage["reasoning_tokens"]
+    assert metrics("thinkstream_tokens_total", kind="prompt", provider="demo") == usage["prompt_tokens"]
+    assert metrics("thinkstream_tokens_total", kind="completion", provider="demo") == usage["completion_tokens"]
+    assert metrics("thinkstream_tokens_total", kind="reasoning", provider="demo") == usage["reasoning_tokens"]
 
 
 async def test_a_provider_429_is_counted_as_an_upstream_error_and_an_outcome(
@@ -538,7 +538,9 @@ async def test_a_provider_429_is_counted_as_an_upstream_error_and_an_outcome(
     metrics = await scrape(client)
 
     assert types(events) == ["meta", "error"]
-    assert metrics.labelled("thinkstream_upstream_errors_total") == {frozenset({("status", "429")}): 1}
+    assert metrics.labelled("thinkstream_upstream_errors_total") == {
+        frozenset({("status", "429"), ("provider", "127.0.0.1")}): 1
+    }
     assert metrics.labelled("thinkstream_streams_total") == {frozenset({("outcome", "upstream_rate_limited")}): 1}
     assert metrics("thinkstream_events_total", type="error") == 1
 
@@ -549,7 +551,9 @@ async def test_an_unreachable_provider_is_counted_as_an_upstream_error_without_s
     await collect(client, params={"prompt": "hi"})
     metrics = await scrape(client)
 
-    assert metrics.labelled("thinkstream_upstream_errors_total") == {frozenset({("status", "none")}): 1}
+    assert metrics.labelled("thinkstream_upstream_errors_total") == {
+        frozenset({("status", "none"), ("provider", "127.0.0.1")}): 1
+    }
     assert metrics("thinkstream_streams_total", outcome="upstream_unreachable") == 1
 
 

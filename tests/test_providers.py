@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import FakeProvider, RelayFactory, Reply, chunk, collect, serve_provider, sse, text_of
+from prometheus_client.parser import text_string_to_metric_families
 
 from handlers.app import create_app
 from handlers.config import Config, ConfigError, load_config
@@ -188,6 +189,40 @@ async def test_the_single_provider_settings_list_their_models_under_the_provider
         {"id": "m", "default": True, "provider": "127.0.0.1"},
         {"id": "n", "default": False, "provider": "127.0.0.1"},
     ]
+
+
+async def test_metrics_tell_the_providers_apart_in_tokens_failures_and_retries(
+    relay_from_file: Callable[..., Awaitable[Client]], alpha: FakeProvider, beta: FakeProvider
+) -> None:
+    overloaded = Reply.error(503, {"error": {"message": "overloaded", "type": "server_error"}}, {"Retry-After": "0"})
+    alpha.reply = Reply(
+        sse(
+            chunk(content="Hi"),
+            chunk(finish="stop"),
+            {"id": "chatcmpl-1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}},
+            "[DONE]",
+        )
+    )
+    beta.script = [overloaded]
+    beta.reply = overloaded
+    client = await relay_from_file(two_providers(alpha, beta), KEYS, "--upstream-retries", "1")
+
+    await ask(client, "alpha-reasoner")
+    await ask(client, "beta-chat")
+    async with client.get("/metrics") as response:
+        samples = {
+            (sample.name, *sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(await response.text())
+            for sample in family.samples
+            if "provider" in sample.labels and sample.name.endswith("_total")
+        }
+
+    assert samples == {
+        ("thinkstream_tokens_total", ("kind", "prompt"), ("provider", "alpha")): 3,
+        ("thinkstream_tokens_total", ("kind", "completion"), ("provider", "alpha")): 2,
+        ("thinkstream_upstream_retries_total", ("provider", "beta"), ("reason", "503")): 1,
+        ("thinkstream_upstream_errors_total", ("provider", "beta"), ("status", "503")): 1,
+    }
 
 
 async def test_readiness_with_a_check_asks_every_provider_and_names_the_one_that_fails(

@@ -32,14 +32,14 @@ def rate_limited(**headers: str) -> Reply:
 
 
 async def retries_counted(client: Client) -> dict[str, float]:
-    """``thinkstream_upstream_retries_total`` by reason."""
+    """``thinkstream_upstream_retries_total`` by reason (the one provider here is named for its host)."""
     async with client.get("/metrics") as response:
         exposition = await response.text()
     return {
         sample.labels["reason"]: sample.value
         for family in text_string_to_metric_families(exposition)
         for sample in family.samples
-        if sample.name == "thinkstream_upstream_retries_total"
+        if sample.name == "thinkstream_upstream_retries_total" and sample.labels["provider"] == "127.0.0.1"
     }
 
 

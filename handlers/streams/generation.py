@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import re
@@ -310,7 +311,7 @@ class Generation:
                 first_byte_timeout=config.first_byte_timeout,
                 idle_timeout=config.idle_timeout,
                 retries=config.upstream_retries,
-                on_retry=metrics.count_retry,
+                on_retry=functools.partial(metrics.count_retry, upstream.name),
             )
             counts = metrics.event_counts
             async with contextlib.aclosing(events):
@@ -363,6 +364,7 @@ class Generation:
                 usage,
                 upstream=isinstance(failure, UpstreamError),
                 status=failure.upstream_status if failure is not None else None,
+                provider=upstream.name,
             )
             self._log_end(upstream.name, ttft_ms, duration, usage, chat, answer)
 
