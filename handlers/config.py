@@ -384,10 +384,13 @@ def settings() -> tuple[dataclasses.Field[Any], ...]:
 
 def normal_origin(origin: str) -> str:
     """An origin as browsers send it: lower-case scheme and host, no default port, no final slash."""
-    url = URL(origin.strip())
+    try:
+        url = URL(origin.strip())
+        port = "" if url.is_default_port() else f":{url.port}"
+    except ValueError:  # not a URL yarl can read (a bad IPv6 host, a port past 65535): matches no origin
+        return origin.strip()
     if not url.scheme or not url.host:
         return origin.strip()
-    port = "" if url.is_default_port() else f":{url.port}"
     host = f"[{url.host}]" if ":" in url.host else url.host
     return f"{url.scheme.lower()}://{host.lower()}{port}"
 
@@ -434,9 +437,11 @@ def _validate(config: Config) -> None:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be at least 1, not {getattr(config, name)}")
     try:
-        limits.parse(config.rate_limit)
+        rate = limits.parse(config.rate_limit)
     except ValueError:
         raise ConfigError(f"rate limit {config.rate_limit!r} is not of the form N/second, N/minute or N/hour") from None
+    if rate.amount < 1:
+        raise ConfigError(f"rate limit {config.rate_limit!r} would refuse every request: allow at least 1")
     if not 1 <= config.ipv6_prefix <= 128:
         raise ConfigError(f"ipv6_prefix must be between 1 and 128 bits, not {config.ipv6_prefix}")
     for proxy in config.trusted_proxies:
@@ -445,8 +450,7 @@ def _validate(config: Config) -> None:
         except ValueError:
             raise ConfigError(f"trusted proxy {proxy!r} is not an IP address or network") from None
     for origin in config.cors_origins:
-        url = URL(origin)
-        if origin != "*" and (url.scheme not in ("http", "https") or not url.host or url.path not in ("", "/")):
+        if origin != "*" and not _is_origin(origin):
             raise ConfigError(f"CORS origin {origin!r} must look like https://example.com")
     for host in config.allowed_hosts:
         if host != "*" and (not host.strip("[].") or any(c in host for c in " /@?#") or "://" in host):
@@ -464,10 +468,23 @@ def _validate(config: Config) -> None:
     _validate_providers(config)
 
 
+def _is_origin(text: str) -> bool:
+    """A scheme, a host and perhaps a port, as a browser's ``Origin`` header has them."""
+    try:
+        url = URL(text)
+        port = url.port
+    except ValueError:
+        return False
+    return url.scheme in ("http", "https") and bool(url.host) and url.path in ("", "/") and 0 < (port or 0) < 65536
+
+
 def _validate_redis_url(url: str) -> None:
     """A URL redis-py can use; the messages never repeat it, as it may hold a password."""
     example = "for example redis://localhost:6379/0"
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # brackets that hold no IPv6 address
+        raise ConfigError(f"the Redis URL cannot be read as a URL ({example})") from None
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigError(f"the Redis URL must start with redis://, rediss:// or unix:// ({example})")
     try:

@@ -61,7 +61,8 @@ def _no_secret_in(key: str, value: Any) -> bool:
     if key != "redis_url" or not isinstance(value, str):
         return False
     try:
-        return urllib.parse.urlsplit(value).password is None
+        parts = urllib.parse.urlsplit(value)
+        return parts.password is None and "password" not in urllib.parse.parse_qs(parts.query)
     except ValueError:
         return False
 

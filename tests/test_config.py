@@ -90,6 +90,12 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         (["--max-line-bytes", "10"], "max_line_bytes"),
         (["--allowed-hosts", "https://chat.example.com"], "allowed host"),
         (["--ipv6-prefix", "129"], "ipv6_prefix"),
+        (["--base-url", "http://[::1", "--model", "m"], "absolute http"),
+        (["--base-url", "http://api.example.com:99999/v1", "--model", "m"], "absolute http"),
+        (["--cors-origins", "http://["], "CORS origin"),
+        (["--cors-origins", "https://app.example.com:70000"], "CORS origin"),
+        (["--redis-url", "redis://[bad"], "Redis URL"),
+        (["--rate-limit", "0/minute"], "refuse every request"),
     ],
     ids=[
         "url-without-scheme",
@@ -103,11 +109,27 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         "tiny-line-limit",
         "allowed-host-a-url",
         "ipv6-prefix-too-long",
+        "url-with-a-broken-ipv6-host",
+        "url-with-a-port-past-65535",
+        "cors-origin-with-a-broken-ipv6-host",
+        "cors-origin-with-a-port-past-65535",
+        "redis-url-with-a-broken-ipv6-host",
+        "a-rate-of-zero",
     ],
 )
 def test_bad_values_fail_at_start_up_saying_what_to_fix(args: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(args, {})
+
+
+@pytest.mark.parametrize(
+    "base_url", ["user:s3cret-pw@api.example.com/v1", "api.example.com/v1?key=s3cret-pw", "//u:s3cret-pw@x/v1"]
+)
+def test_a_base_url_refused_for_its_form_is_not_repeated_when_it_may_hold_a_secret(base_url: str) -> None:
+    with pytest.raises(ConfigError, match="absolute http") as refused:
+        load_config(["--base-url", base_url, "--model", "m"], {})
+
+    assert "s3cret" not in str(refused.value)
 
 
 def test_the_key_never_shows_in_the_configs_repr() -> None:

@@ -147,6 +147,11 @@ BAD_FILES = [
         ["redis_url", "REDIS_URL", "environment"],
         id="a Redis URL with a password",
     ),
+    pytest.param(
+        'redis_url = "redis://localhost:6379/0?password=pw-1"\n',
+        ["redis_url", "REDIS_URL", "environment"],
+        id="a Redis URL with a password in its query",
+    ),
     pytest.param('redis_url = "redis://localhost:six/0"\n', ["port must be a number"], id="a Redis URL without a port"),
     pytest.param('config_file = "other.toml"\n', ["config_file", "unknown setting"], id="a file naming a file"),
     pytest.param(
