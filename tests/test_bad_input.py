@@ -125,6 +125,14 @@ BAD_MESSAGES = [
         id="role missing",
     ),
     pytest.param(
+        post({"messages": [{"role": ["user"], "content": "hi"}]}, "invalid_messages", "messages[0].role"),
+        id="role a list",
+    ),
+    pytest.param(
+        post({"messages": [{"role": {}, "content": "hi"}]}, "invalid_messages", "messages[0].role"),
+        id="role an object",
+    ),
+    pytest.param(
         post({"messages": [{"role": "user", "content": 42}]}, "invalid_messages", "messages[0].content", "string"),
         id="content a number",
     ),

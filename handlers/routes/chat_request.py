@@ -153,9 +153,10 @@ def _messages(value: Any) -> tuple[dict[str, Any], ...]:
         if extra:
             raise RequestError(f"{where} has unknown field(s) {', '.join(extra)}", code="invalid_messages")
         role = message.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise RequestError(
-                f"{where}.role must be one of {', '.join(sorted(ROLES))}, not {role!r}", code="invalid_messages"
+                f"{where}.role must be one of {', '.join(sorted(ROLES))}, not {repr(role)[:100]}",
+                code="invalid_messages",
             )
         content = message.get("content")
         calls = message.get("tool_calls")
