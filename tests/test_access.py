@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from aiohttp import ClientResponse, web
@@ -749,6 +750,44 @@ async def test_an_ipv4_address_in_ipv6_form_is_the_ipv4_client(relay_to: RelayFa
         assert other.status == 200
 
 
+async def test_a_trusted_proxy_in_ipv6_form_is_trusted_all_the_same(
+    relay_to: RelayFactory, answers: FakeProvider
+) -> None:
+    # A proxy on a dual-stack socket shows as ::ffff:a.b.c.d, in the peer address and in the hops it adds.
+    client = await relay_to(rate_limit=TWO_AN_HOUR, trusted_proxies=("127.0.0.1", "10.0.0.0/8"))
+    for i in (1, 2):
+        async with client.get("/models", headers={"X-Forwarded-For": f"203.0.113.{i}, ::ffff:10.0.0.2"}) as response:
+            assert response.status == 200
+
+    # Its second request: were the proxy's hop taken for the client, this would be the third of one client.
+    async with client.get("/models", headers={"X-Forwarded-For": "203.0.113.1, ::ffff:10.0.0.2"}) as again:
+        assert again.status == 200
+
+
+async def test_a_trusted_proxy_reaching_a_dual_stack_socket_is_trusted(answers: FakeProvider) -> None:
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", 0))
+    except OSError:
+        pytest.skip("this machine has no dual-stack IPv6 sockets")
+    app = create_app(Config(base_url=answers.base_url, model="m", trusted_proxies=("127.0.0.1",), rate_limit="1/hour"))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, sock).start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for i in (1, 2):
+                url = f"http://127.0.0.1:{sock.getsockname()[1]}/models"
+                async with session.get(url, headers={"X-Forwarded-For": f"203.0.113.{i}"}) as response:
+                    statuses.append(response.status)
+    finally:
+        await runner.cleanup()
+
+    assert statuses == [200, 200], "two clients behind the proxy, one request each"
+
+
 SPOOFED = [
     pytest.param(
         lambda spoof: {"X-Forwarded-For": f"{spoof}, 203.0.113.1"},
@@ -1158,6 +1197,8 @@ async def test_a_json_content_type_with_a_charset_is_json(relay_to: RelayFactory
             "POST", {"Origin": ELSEWHERE}, {"json": {"messages": HELLO}}, id="a POST from a browser without Sec-Fetch"
         ),
         pytest.param("GET", {"Origin": "null"}, {"params": {"prompt": "hi"}}, id="a sandboxed page (Origin: null)"),
+        pytest.param("GET", {"Origin": "http://["}, {"params": {"prompt": "hi"}}, id="an Origin that is no URL"),
+        pytest.param("GET", {"Origin": "http://a:99999"}, {"params": {"prompt": "hi"}}, id="an Origin past port 65535"),
     ],
 )
 async def test_a_page_of_another_origin_is_refused_with_403_before_the_provider_hears_of_it(

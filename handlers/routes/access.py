@@ -170,6 +170,10 @@ class Access:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            # A dual-stack socket shows an IPv4 proxy as ::ffff:a.b.c.d: it is the proxy all the same.
+            mapped = ip.ipv4_mapped
+            return any(ip in network or mapped in network for network in self._proxies)
         return any(ip in network for network in self._proxies)
 
 
