@@ -149,7 +149,7 @@ class Config:
     )
     keepalive: float = _setting(
         15.0,
-        "Seconds between SSE keep-alive comments sent to clients.",
+        "Seconds between keep-alives sent to clients (SSE comments, NDJSON empty lines).",
         env=["THINKSTREAM_KEEPALIVE"],
         flag="--keepalive",
     )

@@ -517,6 +517,22 @@ async def test_a_silent_provider_leaves_keep_alive_comments_between_the_events(
     assert any(block.startswith(":") for block in blocks[first + 1 : second]), blocks[first : second + 1]
 
 
+async def test_a_silent_provider_leaves_empty_lines_between_the_events_of_an_ndjson_stream(
+    relay_to_upstream: RelayFactory, upstream: ScriptedProvider
+) -> None:
+    # The page reads NDJSON: behind a proxy with an idle timeout it needs keep-alives as much as SSE does.
+    upstream.script = pauses_a_second_after_one_chunk
+    client = await relay_to_upstream(keepalive=0.2)
+    async with client.get("/stream", params={"prompt": "hi", "format": "ndjson"}) as stream:
+        lines = (await stream.read()).decode().split("\n")
+
+    kinds = [orjson.loads(line)["type"] if line else "" for line in lines[:-1]]
+    first = kinds.index("content")
+    second = kinds.index("content", first + 1)
+    assert "" in kinds[first + 1 : second], kinds
+    assert kinds[-1] == "done" and lines[-1] == "", "nothing follows the last event's line"
+
+
 # Timeouts.
 
 

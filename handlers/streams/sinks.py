@@ -27,6 +27,7 @@ two events; and the keep-alive stops before the write that ends the body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -193,7 +194,49 @@ class SSESink(EventSink):
 
 
 class NDJSONSink(EventSink):
-    """Events as ``application/x-ndjson``: one JSON object per line."""
+    """Events as ``application/x-ndjson``: one JSON object per line, and an empty line to keep it alive.
+
+    A proxy with an idle timeout cuts a stream that says nothing while a
+    model thinks before its first token; SSE has its ``: ping`` comment for
+    this, NDJSON an empty line (readers skip them). It goes out only after
+    ``keepalive`` seconds without a write, from one timer re-armed as it fires.
+    """
+
+    def __init__(self, request: web.BaseRequest, response: web.StreamResponse, keepalive: float) -> None:
+        super().__init__(request, response)
+        self._keepalive = keepalive
+        self._last_write = self._loop.time()
+        self._ended = False
+        self._timer = self._loop.call_later(keepalive, self._tick) if keepalive > 0 else None
+        self._pinging: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
+
+    def _tick(self) -> None:
+        due = self._last_write + self._keepalive
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._tick)
+            return
+        self._timer = self._loop.call_later(self._keepalive, self._tick)
+        self._pinging = self._loop.create_task(self._ping())
+
+    async def _ping(self) -> None:
+        # Checked in the task itself: between the timer and this step an event write may have begun. When
+        # the connection's buffer is empty, the write below is done before this step ends.
+        if self._ended or not self.ready(1):
+            return
+        with contextlib.suppress(ClientGone):
+            await self._write(b"\n")
+
+    async def _write(self, data: bytes, last: bool = False) -> None:
+        self._last_write = self._loop.time()
+        if last:
+            self._stop_pings()
+        await super()._write(data, last)
+
+    def _stop_pings(self) -> None:
+        self._ended = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     async def send_events(self, events: Events) -> None:
         items = events.items
@@ -201,6 +244,9 @@ class NDJSONSink(EventSink):
 
     async def send(self, event: dict[str, Any]) -> None:
         await self._write(orjson.dumps(event) + b"\n")
+
+    async def close(self) -> None:
+        self._stop_pings()
 
 
 async def open_sink(
@@ -221,7 +267,7 @@ async def open_sink(
         response = _HeldResponse(headers=_STREAM_HEADERS)
         response.content_type = "application/x-ndjson"
         await response.prepare(request)
-        return NDJSONSink(request, response)
+        return NDJSONSink(request, response, keepalive)
     # send_timeout bounds aiohttp-sse's keep-alive writes and sets the socket's TCP user timeout.
     sse = _HeldSSEResponse(sep="\n", allow_all_methods=True, ping_interval=keepalive, send_timeout=stall_timeout)
     await sse.prepare(request)
