@@ -88,6 +88,13 @@ MISSING_PROMPT = [
     pytest.param(get({"prompt": ""}, "missing_prompt", "prompt"), id="GET with an empty prompt"),
     pytest.param(get({"prompt": "  \n\t "}, "missing_prompt", "prompt"), id="GET with a blank prompt"),
     pytest.param(get({"system": "be brief"}, "missing_prompt", "prompt"), id="GET with only a system prompt"),
+    pytest.param(
+        Bad("GET", "/stream?prompt=%ff%fe", 400, "invalid_request", ("UTF-8",)), id="GET with a prompt not in UTF-8"
+    ),
+    pytest.param(
+        Bad("GET", "/stream?prompt=hi&system=%c3", 400, "invalid_request", ("UTF-8",)),
+        id="GET with a system prompt not in UTF-8",
+    ),
 ]
 
 NOT_A_CHAT_REQUEST = [

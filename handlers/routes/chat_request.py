@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,7 @@ class ChatRequest:
 async def read_chat_request(request: web.Request, config: Config) -> ChatRequest:
     """``GET ?prompt=…&system=…&model=…`` or ``POST`` with a JSON body."""
     if request.method == "GET":
+        _check_query_encoding(request.rel_url.raw_query_string)
         return _from_query(request.query, config)
     if request.content_type != "application/json":
         # A page may send text/plain or a form to any server without asking (no CORS preflight); JSON it may not.
@@ -59,6 +61,16 @@ async def read_chat_request(request: web.Request, config: Config) -> ChatRequest
     except orjson.JSONDecodeError as exc:
         raise RequestError(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     return _from_json(data, config)
+
+
+def _check_query_encoding(raw: str) -> None:
+    """A query that is not UTF-8 is refused, as such a JSON body is: decoded, it would ask "\ufffd\ufffd"."""
+    try:
+        urllib.parse.parse_qsl(raw, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise RequestError(
+            "the URL's query is not UTF-8 once its %-escapes are decoded", code="invalid_request"
+        ) from None
 
 
 def _from_query(query: Mapping[str, str], config: Config) -> ChatRequest:
