@@ -236,3 +236,15 @@ def test_usage_inside_the_finishing_choice_is_kept_with_its_reasoning_tokens() -
     translator.feed([message({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "usage": usage}]})])
 
     assert translator.usage == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3, "reasoning_tokens": 1}
+
+
+@pytest.mark.parametrize("index", [{}, {"index": None}], ids=["left out", "null"])
+def test_a_tool_call_without_an_index_is_the_first_call(index: dict[str, Any]) -> None:
+    # Servers that stream one call at a time may send no index (Gemini's OpenAI layer, Ollama).
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}, **index}
+    translator = ChunkTranslator()
+
+    out = translator.feed([delta(tool_calls=[call])])
+
+    assert translator.error is None
+    assert out == [{"type": "tool_call", "index": 0, "id": "call_1", "name": "get_weather", "arguments": "{}"}]

@@ -8,13 +8,20 @@ could repeat text the client already has and be billed twice.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestClient, TestServer
 from helpers import FakeProvider, RelayFactory, Reply, chunk, collect, free_port, sse, text_of, types
 from prometheus_client.parser import text_string_to_metric_families
+
+from handlers.errors import UpstreamConnectError
+from handlers.provider.upstream import Upstream, stream_chat
 
 Client = TestClient[web.Request, web.Application]
 
@@ -178,3 +185,42 @@ async def test_every_attempt_fits_within_the_first_byte_timeout(relay_to: RelayF
 
     assert events[-1].data["code"] == "upstream_unavailable"
     assert len(provider.requests) == 2
+
+
+class TwoAddresses(AbstractResolver):
+    """A name with two addresses: an IPv6 one with no route, and an IPv4 one where nothing listens."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        return [
+            {"hostname": host, "host": address, "port": self.port, "family": kind, "proto": 0, "flags": 0}
+            for address, kind in (("2001:db8::1", socket.AF_INET6), ("127.0.0.1", socket.AF_INET))
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_name_whose_every_address_fails_in_its_own_way_is_tried_again() -> None:
+    # aiohttp then reports one OSError for all of them, not a refusal: no connection was made all the same.
+    retried: list[str] = []
+    connector = aiohttp.TCPConnector(resolver=TwoAddresses(free_port()), happy_eyeballs_delay=None)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        chat = stream_chat(
+            session,
+            Upstream("http://provider.test/v1", name="test"),
+            {"model": "m", "messages": []},
+            max_line=65536,
+            first_byte_timeout=30,
+            idle_timeout=30,
+            retries=1,
+            on_retry=retried.append,
+        )
+        with pytest.raises(UpstreamConnectError) as failed:
+            async for _ in chat:
+                pass
+
+    assert retried == ["unreachable"]
+    assert "None" not in failed.value.message

@@ -146,12 +146,22 @@ def test_an_empty_think_block_gives_no_reasoning() -> None:
     [
         ["<think>r</think>\n\nAnswer"],
         ["<think>r</think>", "\n", "\n", "Answer"],
-        ["<think>r</think>\n", " \n\t", "Answer"],
+        ["<think>r</think>\n", " \n\n", "Answer"],
     ],
     ids=["in the same delta", "in deltas of their own", "mixed whitespace"],
 )
 def test_blank_lines_after_the_closing_tag_are_dropped(deltas: list[str]) -> None:
     assert split(deltas) == ("r", "Answer")
+
+
+@pytest.mark.parametrize(
+    "deltas",
+    [["<think>Show code.</think>\n\n    x = 1\n"], ["<think>Show code.</think>", "\n\n  ", "  x = 1\n"]],
+    ids=["in one delta", "split inside the indentation"],
+)
+def test_the_answers_first_line_keeps_its_indentation(deltas: list[str]) -> None:
+    # Four spaces make an indented code block in markdown: they are the answer's, not blank lines.
+    assert split(deltas) == ("Show code.", "    x = 1\n")
 
 
 def test_whitespace_later_in_the_answer_is_kept() -> None:
@@ -206,6 +216,16 @@ def test_the_deltas_of_a_recorded_stream_are_split_without_leaking_a_tag() -> No
 _TAG_CHARS = sorted({c for tags in THINK_TAGS for tag in (tags.open, *tags.close, tags.then) for c in tag})
 _TAGGY = st.text(st.sampled_from([*_TAG_CHARS, " ", "\n", "é", "思"]), max_size=30)
 _WHITESPACE = st.text(st.sampled_from(" \t\n"), max_size=4)
+
+
+def answer_after(between: str, answer: str) -> str:
+    """What follows ``between`` after a closing tag: blank lines dropped, the first line's indentation kept."""
+    if not answer:
+        return ""
+    newline = between.rfind("\n")
+    return (between[newline + 1 :] if newline >= 0 else "") + answer
+
+
 _OPENERS = tuple(tags.open for tags in THINK_TAGS)
 
 
@@ -224,7 +244,7 @@ def test_any_split_of_a_think_block_gives_its_reasoning_and_the_answer(
     assume(answer == answer.lstrip())
     stream = f"{before}<think>{reasoning}</think>{between}{answer}"
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
-    assert split(pieces(stream, cuts)) == (reasoning, answer)
+    assert split(pieces(stream, cuts)) == (reasoning, answer_after(between, answer))
 
 
 @settings(max_examples=300)
@@ -278,7 +298,7 @@ def test_any_split_of_a_block_between_any_tags_of_the_table_gives_its_reasoning_
     assume(not (tags.then and answer.startswith(tags.then)))
     stream = f"{before}{tags.open}{reasoning}{close}{between}{answer}"
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
-    assert split(pieces(stream, cuts)) == (reasoning, answer)
+    assert split(pieces(stream, cuts)) == (reasoning, answer_after(between, answer))
 
 
 def test_only_the_blocks_own_closing_tag_ends_it() -> None:
@@ -380,7 +400,7 @@ def test_open_mode_any_split_gives_the_reasoning_before_the_closing_tag_and_the_
     assume(not stream.lstrip().startswith(_OPENERS))
     assume(answer == answer.lstrip())
     cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8), label="cuts")
-    assert split(pieces(stream, cuts), "open") == (reasoning, answer)
+    assert split(pieces(stream, cuts), "open") == (reasoning, answer_after(between, answer))
 
 
 # The content has no thinking block at all

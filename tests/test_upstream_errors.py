@@ -156,6 +156,16 @@ async def test_an_error_status_ends_the_stream_with_the_providers_message(
     }
 
 
+async def test_an_error_body_that_arrives_in_several_reads_still_gives_the_providers_message(
+    relay_to: RelayFactory, provider: FakeProvider
+) -> None:
+    body = orjson.dumps(openai_error("Rate limit reached for requests per minute. Try again in 20s.", "requests"))
+    provider.reply = Reply(body, status=429, content_type="application/json", chunks=(40,), delay=0.05)
+    events = await ask(await relay_to(upstream_retries=0))
+
+    assert the_error(events)["message"] == "Rate limit reached for requests per minute. Try again in 20s."
+
+
 @pytest.mark.parametrize(
     ("reply", "message"),
     [
@@ -413,6 +423,34 @@ async def test_a_dropped_connection_is_upstream_disconnected(
     assert types(events) == ["meta", "content", "error"]
     error = the_error(events)
     assert (error["code"], error["retryable"]) == ("upstream_disconnected", True)
+
+
+@pytest.mark.parametrize(
+    ("think", "deltas", "kind"),
+    [
+        pytest.param("open", ["Compare a ", "<"], "reasoning", id="reasoning that might have begun a closing tag"),
+        pytest.param("auto", ["["], "content", id="an answer that might have begun an opening tag"),
+    ],
+)
+async def test_text_held_back_as_a_possible_tag_is_relayed_when_the_connection_drops(
+    aiohttp_server: AiohttpServer, relay: RelayFactory, think: str, deltas: list[str], kind: str
+) -> None:
+    async def drop_after_the_deltas(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(sse(*(chunk(content=delta) for delta in deltas)))
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", drop_after_the_deltas)
+    server = await aiohttp_server(app)
+    events = await ask(await relay(base_url=str(server.make_url("/v1")), model="m", think=think))
+
+    assert the_error(events)["code"] == "upstream_disconnected"
+    assert text_of(events, kind) == "".join(deltas)
 
 
 @pytest.mark.parametrize(

@@ -222,7 +222,10 @@ def _joined_text(value: Any) -> str:
 
 
 def _tool_call(call: dict[str, Any]) -> Event:
-    index = call.get("index", 0)
+    index = call.get("index")
+    if index is None:
+        # Left out, or null: servers that stream one call at a time (Gemini's, Ollama's) may send no index.
+        index = 0
     if not isinstance(index, int) or isinstance(index, bool):
         raise UpstreamProtocolError(f"the provider sent a tool call whose index is not a number: {str(index)[:50]}")
     event: Event = {"type": "tool_call", "index": index}

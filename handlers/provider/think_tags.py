@@ -122,31 +122,46 @@ class ThinkSplitter:
             reasoning = text[:end]
             self._state = _AFTER
             text = text[end + size :]
-        # The blank lines (and any format's glue) between the closing tag and the answer.
-        text = text.lstrip()
+        # Any format's glue and the blank lines between the closing tag and the answer, whose first
+        # line keeps its indentation (an indented code block): whitespace alone waits for what follows.
         then = self._then
-        if then and text:
-            if text.startswith(then):
-                text = text[len(then) :].lstrip()
-            elif then.startswith(text):
+        if then:
+            stripped = text.lstrip()
+            if stripped.startswith(then):
+                text = stripped[len(then) :]
+                self._then = ""
+            elif then.startswith(stripped):
                 self._held = text
                 return reasoning, ""
-            self._then = ""
-        if text:
-            self._state = _ANSWER
-        return reasoning, text
+            else:
+                self._then = ""
+        if not text.strip():
+            self._held = text
+            return reasoning, ""
+        self._state = _ANSWER
+        return reasoning, text[_blank_lines(text) :]
 
     def close(self) -> tuple[str, str]:
         """End of stream: release whatever was held back."""
         held, self._held = self._held, ""
         if self._state == _THINKING or (self._state == _START and self._open_mode):
             return held, ""
+        if self._state == _AFTER:
+            # Blank lines after the reasoning, perhaps with the start of a format's glue.
+            return "", held[_blank_lines(held) :] if held.strip() else ""
         return "", held
 
     def _enter(self, tags: ThinkTags) -> None:
         self._state = _THINKING
         self._tags = tags
         self._then = tags.then
+
+
+def _blank_lines(text: str) -> int:
+    """Length of the whitespace at the start of ``text`` up to its last line break (all of it, when it has none)."""
+    run = len(text) - len(text.lstrip())
+    newline = text.rfind("\n", 0, run)
+    return newline + 1 if newline >= 0 else run
 
 
 def _opened_by(text: str) -> ThinkTags:

@@ -16,6 +16,7 @@ response is accepted, nothing is retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import math
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 # How much of a provider's error body is read to find its message.
 _ERROR_BODY_LIMIT = 64 * 1024
+# How long it may take to come.
+_ERROR_BODY_WAIT = 2.0
 
 
 # Waits between attempts: about half a second, then twice as long each time (with jitter), at most this cap.
@@ -110,6 +113,7 @@ async def stream_chat(
     silence = _Silence(deadline, first_byte_timeout)
     received = False
     body = orjson.dumps(payload)
+    translator: ChunkTranslator | None = None
     try:
         async with deadline, await _open(session, upstream, body, silence, retries, on_retry) as response:
             if response.content_type != "text/event-stream":
@@ -141,6 +145,9 @@ async def stream_chat(
                 if translator.error is not None:
                     raise translator.error
                 if decoder.error is not None:
+                    held = _held_back(translator)
+                    if held:
+                        yield held
                     raise UpstreamProtocolError(str(decoder.error), code="upstream_line_too_long")
             silence.expect(None)
             tail = coalesce(translator.feed(decoder.close()) + translator.close())
@@ -167,11 +174,15 @@ async def stream_chat(
             f"cannot resolve the provider's host {exc.host!r}: check the base URL", code="upstream_dns"
         ) from None
     except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectError(f"cannot connect to the provider at {exc.host}:{exc.port}: {exc.strerror}") from None
+        reason = exc.strerror or "no address of it took the connection"
+        raise UpstreamConnectError(f"cannot connect to the provider at {exc.host}:{exc.port}: {reason}") from None
     except aiohttp.ConnectionTimeoutError:
         raise UpstreamTimeout("timed out connecting to the provider", code="upstream_connect_timeout") from None
     except TimeoutError:
         if received:
+            held = _held_back(translator)
+            if held:
+                yield held
             raise UpstreamTimeout(
                 f"the provider sent nothing for {idle_timeout} s (idle timeout)", code="upstream_idle_timeout"
             ) from None
@@ -180,6 +191,9 @@ async def stream_chat(
             code="upstream_first_byte_timeout",
         ) from None
     except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+        held = _held_back(translator)
+        if held:
+            yield held
         raise UpstreamError(
             f"the connection to the provider broke: {exc}", code="upstream_disconnected", retryable=True
         ) from None
@@ -191,6 +205,14 @@ async def stream_chat(
         raise UpstreamError(f"the request to the provider failed: {failure}") from None
     finally:
         silence.cancel()
+
+
+def _held_back(translator: ChunkTranslator | None) -> list[Event]:
+    """The text the think-tag splitter still holds (a possible tag's start), when the stream breaks.
+
+    It was received, so it is relayed before the error, as an in-band error relays it.
+    """
+    return coalesce(translator.close()) if translator is not None else []
 
 
 def endpoint(base_url: str, path: str) -> URL:
@@ -231,7 +253,10 @@ async def _open(
             # aiohttp refuses the request itself (a user:password@ base URL and a key together).
             raise UpstreamError(f"the request to the provider could not be made: {type(exc).__name__}") from None
         except aiohttp.ClientConnectorError as exc:
-            if not isinstance(exc.os_error, ConnectionRefusedError) or isinstance(exc, aiohttp.ClientConnectorDNSError):
+            # No connection was made, so the request was never sent: refused, or (a name with several
+            # addresses) refused on one and unreachable on another. A name that does not resolve, or a
+            # TLS failure, will not mend in a second.
+            if isinstance(exc, (aiohttp.ClientConnectorDNSError, aiohttp.ClientSSLError)):
                 raise
             failure: BaseException = exc
             reason = "unreachable"
@@ -250,7 +275,7 @@ async def _open(
         logger.warning(
             "provider %s: %s; trying again in %.1f s (retry %d of %d)",
             upstream.name or "the provider",
-            "connection refused" if reason == "unreachable" else f"HTTP {reason}",
+            "could not connect" if reason == "unreachable" else f"HTTP {reason}",
             wait,
             attempt + 1,
             retries,
@@ -351,10 +376,15 @@ class _Silence:
 
 async def _error_message(response: aiohttp.ClientResponse, secret: str | None) -> str:
     """The provider's own words, from the JSON error shapes providers use, without ``secret``."""
-    try:
-        raw = await response.content.read(_ERROR_BODY_LIMIT)
-    except aiohttp.ClientError:
-        raw = b""
+    raw = b""
+    # The whole body (up to the limit), which may come in several reads, but not for long.
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with asyncio.timeout(_ERROR_BODY_WAIT):
+            while len(raw) < _ERROR_BODY_LIMIT:
+                piece = await response.content.read(_ERROR_BODY_LIMIT - len(raw))
+                if not piece:
+                    break
+                raw += piece
     text = raw.decode("utf-8", "replace").strip()
     try:
         body = orjson.loads(raw)
