@@ -123,14 +123,21 @@ class UpstreamStatusError(UpstreamError):
 
 
 class StoreUnavailable(RelayError):
-    """The shared stream store (Redis) cannot be reached; worth a retry once it is back."""
+    """The shared stream store (Redis) cannot be reached; worth a retry once it is back.
+
+    ``uncertain``: a write whose reply never came, which the store may have
+    carried out all the same.
+    """
 
     code = "store_unavailable"
     http_status = 503
     retryable = True
 
-    def __init__(self, message: str = "the stream store is unreachable; try again shortly") -> None:
+    def __init__(
+        self, message: str = "the stream store is unreachable; try again shortly", *, uncertain: bool = False
+    ) -> None:
         super().__init__(message, retry_after=5)
+        self.uncertain = uncertain
 
 
 def server_busy() -> RelayError:

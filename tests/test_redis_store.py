@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from helpers import RedisServer
 
+from handlers.errors import StoreUnavailable
 from handlers.stores.log import LogClosed
 from handlers.stores.redis import RedisStreamStore, connect
 
@@ -29,29 +30,42 @@ def content(text: str) -> tuple[str, bytes]:
     return "content", orjson.dumps({"type": "content", "text": text})
 
 
+def two_stores(url: str) -> contextlib.AbstractAsyncContextManager[tuple[RedisStreamStore, RedisStreamStore]]:
+    """The store of the process running a stream, and the store of another process, on the Redis at ``url``."""
+
+    @contextlib.asynccontextmanager
+    async def made() -> AsyncIterator[tuple[RedisStreamStore, RedisStreamStore]]:
+        prefix = f"test-{secrets.token_hex(4)}"
+        stores, clients = [], []
+        for _ in range(2):
+            client = connect(url)
+            store = RedisStreamStore(
+                client,
+                prefix=prefix,
+                retention=60,
+                stream_bytes=64 * KIB,
+                total_bytes=64 * KIB,
+                max_streams=100,
+                client_streams=100,
+            )
+            store.start()
+            stores.append(store)
+            clients.append(client)
+        try:
+            yield stores[0], stores[1]
+        finally:
+            for store, client in zip(stores, clients, strict=True):
+                await store.close()
+                await client.aclose()
+
+    return made()
+
+
 @pytest.fixture
 async def pair(shared_redis: RedisServer) -> AsyncIterator[tuple[RedisStreamStore, RedisStreamStore]]:
     """The store of the process running a stream, and the store of another process."""
-    prefix = f"test-{secrets.token_hex(4)}"
-    stores, clients = [], []
-    for _ in range(2):
-        client = connect(shared_redis.url)
-        store = RedisStreamStore(
-            client,
-            prefix=prefix,
-            retention=60,
-            stream_bytes=64 * KIB,
-            total_bytes=64 * KIB,
-            max_streams=100,
-            client_streams=100,
-        )
-        store.start()
-        stores.append(store)
-        clients.append(client)
-    yield stores[0], stores[1]
-    for store, client in zip(stores, clients, strict=True):
-        await store.close()
-        await client.aclose()
+    async with two_stores(shared_redis.url) as stores:
+        yield stores
 
 
 @pytest.fixture
@@ -243,3 +257,58 @@ async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
         for writer in held:
             writer.close()
         await server.wait_closed()
+
+
+STORE_ERROR = ("error", b'{"type":"error","code":"store_unavailable","retryable":true}')
+
+
+async def test_an_append_whose_reply_never_came_is_settled_with_what_redis_holds_before_the_end(
+    own_redis: RedisServer,
+) -> None:
+    # Redis freezes with the batch unread; the store gives up on the reply (5 s) and drops the connection;
+    # thawed, Redis still runs what it had received. One number must not then name two events.
+    async with two_stores(own_redis.url) as (owner, other):
+        log = await owner.create("s", client="c")
+        await log.append([META])
+        own_redis.freeze()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await log.append([content("a real token")])
+        finally:
+            own_redis.thaw()
+        # As the generation does: its end, then finish.
+        await log.append([STORE_ERROR])
+        await log.finish()
+
+        here = await ends(log)
+        elsewhere = await ends(await other.get("s"))
+
+    assert [(seq, kind) for seq, kind, _ in here] == [(1, "meta"), (2, "content"), (3, "error")]
+    assert here == elsewhere
+
+
+async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_redis_once_it_is_back(
+    own_redis: RedisServer,
+) -> None:
+    async with two_stores(own_redis.url) as (owner, other):
+        log = await owner.create("s", client="c")
+        await log.append([META])
+        own_redis.freeze()
+        try:
+            with pytest.raises(StoreUnavailable):
+                await log.append([content("a real token")])
+            with pytest.raises(StoreUnavailable):
+                # Redis cannot tell yet: the end is not numbered here.
+                await asyncio.wait_for(log.append([STORE_ERROR]), 10)
+        finally:
+            own_redis.thaw()
+        await log.finish()
+
+        assert log.handed_over
+        events, _ = await log.read(0)
+        assert events is not None and [kind for kind, _ in events.items] == ["meta", "content"]
+        with pytest.raises(StoreUnavailable):
+            # Nothing more here: the reader is sent to follow it from Redis, whose reaper ends it.
+            await log.read(2)
+        seen = await other.get("s")
+        assert seen is not None, "another process finds it, to read it from Redis"

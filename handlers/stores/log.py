@@ -111,6 +111,16 @@ class StreamLog(ABC):
         :class:`ValueError` if ``after`` is beyond the last event.
         """
 
+    @property
+    def handed_over(self) -> bool:
+        """Whether the store, no longer this process, tells how the stream goes on.
+
+        A shared store's writer that lost track of what the store holds (a
+        write whose reply never came) hands its stream over: readers then
+        read it from the store, as another process's do.
+        """
+        return False
+
     @abstractmethod
     def subscribe(self, wake: Callable[[], None]) -> None:
         """Call ``wake`` whenever events are appended or the log finishes."""

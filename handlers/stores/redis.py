@@ -127,8 +127,15 @@ def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_pool(pool)
 
 
+class _Lost(StoreUnavailable):
+    """Redis no longer has a stream it had (restarted without persistence, flushed, evicted)."""
+
+    def __init__(self) -> None:
+        super().__init__("the stream store lost this stream before it finished; ask again")
+
+
 def _store_lost() -> bytes:
-    return orjson.dumps(StoreUnavailable("the stream store lost this stream before it finished; ask again").event())
+    return orjson.dumps(_Lost().event())
 
 
 def _lost() -> bytes:
@@ -161,6 +168,8 @@ class _Calls:
         # When the batch in flight was sent (loop time), and whether the watchdog gave up on it.
         self._sent: float | None = None
         self._overdue = False
+        # Whether the batch in flight was (perhaps partly) written to Redis, which may then have run it.
+        self._written = False
         self._watchdog: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -206,27 +215,32 @@ class _Calls:
                 batch, self._queue = self._queue, []
                 results: list[Any]
                 self._sent = loop.time()
+                self._written = False
                 try:
                     results = await self._execute(batch)
                 except asyncio.CancelledError:
                     if not self._overdue:
+                        # Closing: no caller may wait forever on a call of the batch in flight.
+                        for _, _, future in batch:
+                            future.cancel()
                         raise
                     self._overdue = False
                     task = asyncio.current_task()
                     if task is not None:
                         task.uncancel()
                     await self._connection.disconnect(nowait=True)
-                    results = [StoreUnavailable() for _ in batch]
+                    results = [StoreUnavailable(uncertain=True) for _ in batch]
                 except _UNREACHABLE as exc:
                     logger.debug("redis is unreachable: %r", exc)
                     await self._connection.disconnect(nowait=True)
-                    results = [StoreUnavailable() for _ in batch]
+                    results = [StoreUnavailable(uncertain=self._written) for _ in batch]
                 except Exception as exc:
                     # Refused while connecting (a database or name the server will not take), or a reply
                     # redis-py cannot parse: every call of the batch fails, none waits forever.
                     logger.error("the stream store failed: %r", exc)
                     await self._connection.disconnect(nowait=True)
-                    results = [StoreUnavailable(f"the stream store failed: {type(exc).__name__}") for _ in batch]
+                    message = f"the stream store failed: {type(exc).__name__}"
+                    results = [StoreUnavailable(message, uncertain=self._written) for _ in batch]
                 self._sent = None
                 for (_, _, future), result in zip(batch, results, strict=True):
                     if future.done():
@@ -266,6 +280,7 @@ class _Calls:
             results: list[Any] = []
             try:
                 await connection.connect()  # type: ignore[no-untyped-call]
+                self._written = True
                 await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
                 for _ in commands:
                     try:
@@ -460,13 +475,22 @@ class _OwnedLog(StreamLog):
         self._last = 0
         # Redis failed: the stream is ending, and its last events are kept here only.
         self._broken = False
+        # An append's reply never came: Redis may hold events this copy has not. Until Redis tells
+        # which, no number after ``_last`` is this process's to give (it could name two events).
+        self._uncertain = False
         # Redis takes no more events for it; this copy has its last event.
         self._closed = False
         self._ended = False
 
+    @property
+    def handed_over(self) -> bool:
+        return self._uncertain
+
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
         if self._closed:
             raise LogClosed(self.stream_id)
+        if self._uncertain:
+            await self._settle()
         if not self._broken:
             # Types and texts are checked before anything is sent, as the memory log does.
             kinds = "".join([str(EVENT_CODES[kind]) for kind, _ in events])
@@ -492,14 +516,16 @@ class _OwnedLog(StreamLog):
                 result = await asyncio.shield(call)
             except asyncio.CancelledError:
                 # The events may reach Redis all the same: keep this copy in step before giving up.
-                with contextlib.suppress(Exception):
+                try:
                     if await asyncio.shield(call) == b"ok":
                         await self._keep(events)
+                except RelayError as exc:
+                    self._failed(exc)
+                except Exception:
+                    pass
                 raise
-            except RelayError:
-                # Unreachable, or refusing writes (out of memory, read-only after a failover): the
-                # stream ends here, its last events kept in this process only.
-                self._broken = True
+            except RelayError as exc:
+                self._failed(exc)
                 raise
             if result != b"ok":
                 self._closed = True
@@ -508,6 +534,39 @@ class _OwnedLog(StreamLog):
                 await self._catch_up()
                 raise LogClosed(self.stream_id)
         return await self._keep(events)
+
+    def _failed(self, exc: RelayError) -> None:
+        """Unreachable, or refusing writes (out of memory, read-only after a failover): the stream ends here.
+
+        Its last events are kept in this process only, unless Redis may have
+        taken the batch: then its end waits for Redis to tell what it holds.
+        """
+        self._broken = True
+        self._uncertain = getattr(exc, "uncertain", False)
+
+    async def _settle(self) -> None:
+        """After an append whose reply never came: take what Redis holds, so that both copies agree again.
+
+        When Redis cannot tell (still unreachable), raise: the stream is
+        then Redis's to end (its reaper does, once this process's lease on
+        it runs out), and readers here are sent to read it from Redis.
+        """
+        remote = _RemoteLog(self._store, self.stream_id, self.principal)
+        try:
+            while True:
+                events, _ = await remote.read(self._last)
+                if events is None:
+                    break
+                await self._keep(events.items)
+        except (_Lost, LogGap, ValueError):
+            # Redis lost the stream (restarted without persistence, flushed): it holds nothing to agree with.
+            self._uncertain = False
+            return
+        except RelayError:
+            raise StoreUnavailable(uncertain=True) from None
+        self._broken = self._uncertain = False
+        if self._closed:
+            raise LogClosed(self.stream_id)
 
     async def _catch_up(self) -> None:
         """The stream was ended elsewhere: give this process's readers the same end as everyone's.
@@ -546,6 +605,13 @@ class _OwnedLog(StreamLog):
         await self._mirror.finish()
 
     async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
+        if self._uncertain:
+            # Only Redis knows how the stream goes on; a reader with nothing more to take from it
+            # here goes to read it from Redis, as any other process's readers do.
+            events, finished = await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
+            if events is None and not finished:
+                raise StoreUnavailable("the stream store failed this stream's writer; resume to follow it")
+            return events, finished
         try:
             return await self._mirror.read(after, max_bytes)
         except (LogGap, ValueError):
@@ -584,6 +650,9 @@ class _RemoteLog(StreamLog):
             return cached
         result = await store.calls("READ", store.prefix, self.stream_id, after, max_bytes)
         status = result[0]
+        if status == b"missing":
+            # Found when it was opened: a reader following it gets a retryable error, not a gap of its own.
+            raise _Lost()
         if status == b"beyond":
             raise ValueError(f"stream {self.stream_id} has no event {after} yet")
         if status != b"ok":

@@ -495,7 +495,10 @@ class Streams:
             await generation.run(session, upstream, chat, self.config, self.metrics)
         finally:
             self._running -= 1
-            self._expire_later(generation.id)
+            if generation.log.handed_over:
+                self._expire(generation.id)  # read from the store from now on, as elsewhere
+            else:
+                self._expire_later(generation.id)
 
     async def open(self, stream_id: str, principal: str | None) -> StreamLog | None:
         """The stream's log, if it exists and ``principal`` may read it (None otherwise, as for no stream).
