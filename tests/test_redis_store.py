@@ -312,3 +312,20 @@ async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_r
             await log.read(2)
         seen = await other.get("s")
         assert seen is not None, "another process finds it, to read it from Redis"
+
+
+async def test_a_stream_redis_lost_is_a_retryable_failure_for_a_reader_elsewhere_not_a_gap_of_its_own(
+    pair: tuple[RedisStreamStore, RedisStreamStore], admin: aioredis.Redis
+) -> None:
+    owner, other = pair
+    log = await owner.create("s", client="c")
+    await log.append([META, content("a")])
+    seen = await other.get("s")
+    assert seen is not None
+    # What a restart without persistence (or a flush) does to the stream.
+    await admin.delete(*[owner.key(kind, "s") for kind in ("meta", "log", "lease")])
+
+    with pytest.raises(StoreUnavailable) as lost:
+        await seen.read(2)
+
+    assert lost.value.event()["retryable"] is True
