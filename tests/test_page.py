@@ -183,6 +183,28 @@ async def test_history_survives_a_reload_and_chats_can_be_added_and_deleted(serv
         assert tab.problems == []
 
 
+async def test_a_conversation_deleted_while_its_answer_streams_stays_deleted(
+    serve: Serve, slow: tuple[SlowProvider, str], browser: Any
+) -> None:
+    provider, base_url = slow
+    server = await serve(base_url=base_url, model="m")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Count slowly")
+        await page.wait_for_function(
+            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
+        )
+        await page.get_by_role("button", name="Delete “Count slowly”").click()
+        await asyncio.wait_for(provider.hung_up.wait(), 5)
+        await page.wait_for_selector("#stop", state="hidden", timeout=WAIT)
+
+        assert await stored_chats(page) == []
+        await page.reload()
+        await ready(page)
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["New chat"]
+        assert tab.problems == []
+
+
 async def test_settings_persist_across_a_reload_and_are_sent(serve: Serve, fake: FakeProvider, browser: Any) -> None:
     server = await serve(base_url=fake.base_url, model="m", models=("other-model",))
     fake.reply = answer("Fine.")

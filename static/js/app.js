@@ -296,9 +296,12 @@ function generate() {
         ...outcome,
       });
       if (view.calls.size) record.toolCalls = view.toolCalls;
-      chat.messages.push(record);
-      chat.updated = Date.now();
-      persist(chat);
+      // Deleted while it streamed: storing the answer would bring the conversation back.
+      if (chats.some((c) => c.id === chat.id)) {
+        chat.messages.push(record);
+        chat.updated = Date.now();
+        persist(chat);
+      }
       // The live view becomes the stored message as it is: no re-render.
       view.finish(outcome, () => {
         frames.onFrame = null;
