@@ -358,6 +358,41 @@ async def test_a_dropped_connection_resumes_with_the_whole_answer_exactly_once(s
         await proxy.close()
 
 
+async def test_a_resume_the_server_is_too_busy_for_is_tried_again_after_its_retry_after(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("one ", "two ", "three")
+    loop = asyncio.get_running_loop()
+    resumes: list[float] = []
+
+    async def cut_after_meta(route: Any) -> None:
+        # The relay's whole answer, of which only the first event reaches the page: the connection drops.
+        response = await route.fetch()
+        meta = (await response.text()).split("\n")[0]
+        await route.fulfill(status=200, headers={"Content-Type": "application/x-ndjson"}, body=meta + "\n")
+
+    async def busy_once(route: Any) -> None:
+        resumes.append(loop.time())
+        if len(resumes) == 1:
+            await route.fulfill(status=503, headers={"Retry-After": "2"}, body="<html>Busy</html>")
+        else:
+            await route.continue_()
+
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.route("**/stream?format=ndjson", cut_after_meta)
+        await page.route(lambda url: "/stream/" in url and "last_event_id" in url, busy_once)
+        await ask(page, "Count")
+        await answered(page)
+
+        assert await page.locator("#messages article.assistant .answer").inner_text() == "one two three"
+        assert await page.locator("#messages article.assistant .status").is_hidden()
+        assert len(resumes) == 2 and resumes[1] - resumes[0] >= 1.9
+        # Chromium reports the 503 itself; nothing else may go wrong.
+        assert [p for p in tab.problems if "status of 503" not in p] == []
+
+
 # --- Safety ----------------------------------------------------------------------------------
 
 HOSTILE = [
