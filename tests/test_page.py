@@ -10,6 +10,7 @@ error, so every test also checks that the page keeps to its own CSP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -132,6 +133,36 @@ async def test_stop_hangs_up_on_the_provider_and_keeps_the_partial_answer(
         partial = await page.locator("#messages article.assistant .answer").inner_text()
         assert partial.startswith("word0 word1 word2 word3")
         assert "word399" not in partial
+        assert tab.problems == []
+
+
+async def test_stop_before_the_answer_begins_reads_as_stopped(serve: Serve, fake: FakeProvider, browser: Any) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("Too late.")
+    stopped = asyncio.Event()
+
+    async def held_until_stopped(route: Any) -> None:
+        await stopped.wait()
+        with contextlib.suppress(Exception):  # the page gave up on it
+            await route.continue_()
+
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.route("**/stream?format=ndjson", held_until_stopped)
+        await ask(page, "Hi")
+        await page.click("#stop")
+        stopped.set()
+        await answered(page)
+
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Stopped."
+        [chat] = await stored_chats(page)
+        assert chat["messages"][-1] == {
+            "role": "assistant",
+            "content": "",
+            "reasoning": "",
+            "thoughtSeconds": None,
+            "stopped": True,
+        }
         assert tab.problems == []
 
 

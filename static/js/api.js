@@ -40,9 +40,9 @@ export class ApiError extends Error {
     let code = "http_error";
     let message = `HTTP ${response.status}`;
     try {
-      const body = await response.json();
-      code = body.error.code;
-      message = body.error.message;
+      const { error } = await response.json();
+      if (typeof error.code === "string") code = error.code;
+      if (typeof error.message === "string") message = error.message;
     } catch {
       // Not the relay's JSON (a proxy's page, say): keep the status.
     }
@@ -149,7 +149,11 @@ export class Api {
         await fetch(`stream/${encodeURIComponent(streamId)}/cancel`, { method: "POST", headers: this.headers() });
       }
     };
-    return { done: run(), stop, arrival };
+    // Stopped before the answer began, fetch rejects with an AbortError: that is a stop, not an error.
+    const done = run().catch((error) => {
+      if (!stopped) throw error;
+    });
+    return { done, stop, arrival };
   }
 }
 

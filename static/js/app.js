@@ -281,7 +281,9 @@ function generate() {
       if (error instanceof ApiError && error.status === 401) {
         askForToken();
       }
-      outcome = { error: { code: error.code || "connection_lost", message: error.message } };
+      // Only the relay's errors carry a code of its own (a DOMException's `code` is a number).
+      const code = error instanceof ApiError ? error.code : "connection_lost";
+      outcome = { error: { code, message: String(error.message ?? "") } };
     })
     .finally(() => {
       const stopped = running && running.stopped;
