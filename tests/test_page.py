@@ -575,6 +575,30 @@ async def test_a_provider_error_is_told_in_plain_words_and_retry_answers(
         assert tab.problems == []
 
 
+async def test_a_question_whose_answer_failed_is_left_out_of_the_next_request(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m", upstream_retries=0)
+    fake.script = [answer("Hello!"), Reply.error(400, {"error": {"message": "Bad request"}})]
+    fake.reply = answer("Fine.")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Hi")
+        await answered(page)
+        await ask(page, "A question that fails")
+        await answered(page, 2)
+        await ask(page, "Another question")
+        await answered(page, 3)
+
+        # Questions and answers in turn, as the model expects them.
+        assert fake.requests[-1]["messages"] == [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Another question"},
+        ]
+        assert tab.problems == []
+
+
 # --- Deployment -----------------------------------------------------------------------------
 
 

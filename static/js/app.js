@@ -248,8 +248,14 @@ function requestBody() {
   const messages = [];
   if (settings.system.trim()) messages.push({ role: "system", content: settings.system });
   for (const message of current.messages) {
-    // Failed or empty answers are not part of the conversation the model sees.
-    if (message.role === "assistant" && (message.error || !message.content)) continue;
+    // A question that got no answer is left out with its failed or empty answer, if any, so
+    // that the model sees questions and answers in turn.
+    const unanswered = messages.at(-1)?.role === "user";
+    if (message.role === "assistant" && (message.error || !message.content)) {
+      if (unanswered) messages.pop();
+      continue;
+    }
+    if (message.role === "user" && unanswered) messages.pop();
     messages.push({ role: message.role, content: message.content });
   }
   const body = { messages };
