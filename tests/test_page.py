@@ -463,6 +463,26 @@ async def test_model_output_cannot_run_script(serve: Serve, fake: FakeProvider, 
         assert tab.problems == []
 
 
+async def test_an_image_from_another_origin_shows_as_a_link_to_it(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("![A chart](https://example.invalid/chart.png)\n\n", "After.\n")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Draw it")
+        await answered(page)
+
+        body = page.locator("#messages article.assistant .answer")
+        assert await body.locator("img").count() == 0
+        link = body.locator("a")
+        assert await link.get_attribute("href") == "https://example.invalid/chart.png"
+        assert await link.inner_text() == "A chart"
+        assert await link.get_attribute("rel") == "noopener noreferrer"
+        # The CSP would refuse the image: no request, so no violation.
+        assert tab.problems == []
+
+
 async def test_a_tables_column_alignment_holds_without_an_inline_style(
     serve: Serve, fake: FakeProvider, browser: Any
 ) -> None:

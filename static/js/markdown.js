@@ -48,7 +48,33 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     node.setAttribute("target", "_blank");
     node.setAttribute("rel", "noopener noreferrer");
   }
+  if (node.tagName === "IMG") linkForeignImage(node);
 });
+
+/**
+ * The CSP lets images come from the page's own origin (and data: URLs) only: an image of another
+ * origin would not load, and its request would be reported as a violation. Put a link to it in its
+ * place, while the node is still in DOMPurify's inert document, before anything tries to load it.
+ * (The new link is sanitised next, as DOMPurify walks on.)
+ */
+function linkForeignImage(image) {
+  const source = image.getAttribute("src") || "";
+  let url;
+  try {
+    url = new URL(source, document.baseURI);
+  } catch {
+    url = null;
+  }
+  if (url && (url.protocol === "data:" || url.origin === location.origin)) return;
+  if (url && (url.protocol === "https:" || url.protocol === "http:")) {
+    const link = image.ownerDocument.createElement("a");
+    link.href = url.href;
+    link.textContent = image.getAttribute("alt") || url.href;
+    image.replaceWith(link);
+  } else {
+    image.remove();
+  }
+}
 
 /**
  * Markdown to a sanitised DocumentFragment, with its math drawn and copy buttons on code blocks.
