@@ -779,6 +779,27 @@ async def test_escape_stops_a_streaming_answer(serve: Serve, slow: tuple[SlowPro
         assert tab.problems == []
 
 
+async def test_a_stop_whose_cancel_request_fails_still_stops_the_answer(
+    serve: Serve, slow: tuple[SlowProvider, str], browser: Any
+) -> None:
+    _, base_url = slow
+    server = await serve(base_url=base_url, model="m")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.route("**/cancel", lambda route: route.abort())  # as if offline
+        await ask(page, "Count slowly")
+        await page.wait_for_function(
+            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
+        )
+        await page.click("#stop")
+        await answered(page)
+        await page.wait_for_timeout(300)  # for the cancel request to fail
+
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Stopped."
+        # Chromium reports the failed request itself; nothing else may go wrong.
+        assert [p for p in tab.problems if "net::ERR_FAILED" not in p] == []
+
+
 # --- Copying, announcing, themes -------------------------------------------------------------------
 
 CLIPBOARD = {"permissions": ["clipboard-read", "clipboard-write"]}

@@ -334,7 +334,8 @@ function setRunning(on) {
 function stop() {
   if (!running) return;
   running.stopped = true;
-  running.handle.stop();
+  // The cancel request may fail (offline): the answer stops on the page all the same.
+  running.handle.stop().catch(() => {});
 }
 
 function dropLastAnswer() {
