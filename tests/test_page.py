@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -616,6 +617,27 @@ async def test_a_question_whose_answer_failed_is_left_out_of_the_next_request(
             {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": "Another question"},
         ]
+        assert tab.problems == []
+
+
+async def test_an_error_code_the_page_does_not_know_is_told_by_its_message(
+    serve: Serve, browser: Any, tmp_path: Path
+) -> None:
+    server = await serve()
+    messages = [
+        {"role": "user", "content": "Hello?"},
+        # A code named like a property every object has.
+        {"role": "assistant", "content": "", "error": {"code": "constructor", "message": "Something odd."}},
+    ]
+    conversation = {"id": "c", "title": "Odd error", "updated": 1, "messages": messages}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"thinkstream": "conversation", "version": 1, "conversation": conversation}))
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.set_input_files("#import-file", str(path))
+        await answered(page)
+
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Something odd."
         assert tab.problems == []
 
 
