@@ -917,6 +917,24 @@ async def test_on_a_phone_the_chat_list_opens_and_closes(serve: Serve, browser: 
         assert tab.problems == []
 
 
+async def test_on_a_phone_the_closed_chat_list_is_out_of_the_tab_order(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/")), viewport=PHONE) as tab:
+        page = tab.page
+        before_toggle = "() => document.activeElement.id || document.activeElement.className"
+        # The chat list comes between the skip link and the button that opens it.
+        await page.focus("#toggle-sidebar")
+        await page.keyboard.press("Shift+Tab")
+        assert await page.evaluate(before_toggle) == "skip"
+
+        await page.focus("#prompt")  # the focused skip link covers the button
+        await page.click("#toggle-sidebar")
+        await page.locator("#sidebar").wait_for(state="visible", timeout=WAIT)
+        await page.keyboard.press("Shift+Tab")
+        assert await page.evaluate(before_toggle) == "import"
+        assert tab.problems == []
+
+
 # Each step is the answer so far; none may show a table's pipes as a paragraph or lose text.
 GROWING_TABLE = ["Before.\n\n| a | b", "Before.\n\n| a | b |\n|--", "Before.\n\n| a | b |\n|---|---|\n| 1 | 2 |"]
 
