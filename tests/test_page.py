@@ -978,6 +978,39 @@ async def test_an_open_code_fence_renders_as_code_while_it_streams(serve: Serve,
     assert shown == {"code": "def f():\n\n    return 1\n", "fences": False}
 
 
+# A code block in a list in a list, with a blank line in it, as a model writes one.
+NESTED_FENCE = (
+    "1. Install:\n"
+    "   - With pip:\n"
+    "     ```bash\n"
+    "     python -m venv .venv\n"
+    "\n"
+    "     .venv/bin/pip install thinkstream\n"
+    "     ```\n"
+    "   - Done.\n"
+    "2. Run it.\n"
+)
+
+
+async def test_a_code_block_in_a_nested_list_stays_whole_while_it_streams(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        code = await tab.page.evaluate(
+            LIVE_MARKDOWN
+            + """
+                for (const line of argument.split(/(?<=\\n)/)) {
+                    live.append(line);
+                    await twoFrames();
+                }
+                await new Promise((resolve) => live.finish(resolve));
+                return [...box.querySelectorAll("pre code")].map((code) => code.textContent);
+            }""",
+            NESTED_FENCE,
+        )
+
+    assert code == ["python -m venv .venv\n\n.venv/bin/pip install thinkstream\n"]
+
+
 # --- The README's picture ------------------------------------------------------------------------
 
 SCREENSHOT = ROOT / "docs" / "screenshot.png"
