@@ -10,6 +10,8 @@ error, so every test also checks that the page keeps to its own CSP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -135,6 +137,36 @@ async def test_stop_hangs_up_on_the_provider_and_keeps_the_partial_answer(
         assert tab.problems == []
 
 
+async def test_stop_before_the_answer_begins_reads_as_stopped(serve: Serve, fake: FakeProvider, browser: Any) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("Too late.")
+    stopped = asyncio.Event()
+
+    async def held_until_stopped(route: Any) -> None:
+        await stopped.wait()
+        with contextlib.suppress(Exception):  # the page gave up on it
+            await route.continue_()
+
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.route("**/stream?format=ndjson", held_until_stopped)
+        await ask(page, "Hi")
+        await page.click("#stop")
+        stopped.set()
+        await answered(page)
+
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Stopped."
+        [chat] = await stored_chats(page)
+        assert chat["messages"][-1] == {
+            "role": "assistant",
+            "content": "",
+            "reasoning": "",
+            "thoughtSeconds": None,
+            "stopped": True,
+        }
+        assert tab.problems == []
+
+
 async def test_regenerate_asks_again_with_the_same_messages_and_replaces_the_answer(
     serve: Serve, fake: FakeProvider, browser: Any
 ) -> None:
@@ -180,6 +212,28 @@ async def test_history_survives_a_reload_and_chats_can_be_added_and_deleted(serv
         await page.get_by_role("button", name=f"Delete “{question}”").click()
         assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["New chat"]
         assert all(chat["title"] != question for chat in await stored_chats(page))
+        assert tab.problems == []
+
+
+async def test_a_conversation_deleted_while_its_answer_streams_stays_deleted(
+    serve: Serve, slow: tuple[SlowProvider, str], browser: Any
+) -> None:
+    provider, base_url = slow
+    server = await serve(base_url=base_url, model="m")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Count slowly")
+        await page.wait_for_function(
+            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
+        )
+        await page.get_by_role("button", name="Delete “Count slowly”").click()
+        await asyncio.wait_for(provider.hung_up.wait(), 5)
+        await page.wait_for_selector("#stop", state="hidden", timeout=WAIT)
+
+        assert await stored_chats(page) == []
+        await page.reload()
+        await ready(page)
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["New chat"]
         assert tab.problems == []
 
 
@@ -336,6 +390,41 @@ async def test_a_dropped_connection_resumes_with_the_whole_answer_exactly_once(s
         await proxy.close()
 
 
+async def test_a_resume_the_server_is_too_busy_for_is_tried_again_after_its_retry_after(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("one ", "two ", "three")
+    loop = asyncio.get_running_loop()
+    resumes: list[float] = []
+
+    async def cut_after_meta(route: Any) -> None:
+        # The relay's whole answer, of which only the first event reaches the page: the connection drops.
+        response = await route.fetch()
+        meta = (await response.text()).split("\n")[0]
+        await route.fulfill(status=200, headers={"Content-Type": "application/x-ndjson"}, body=meta + "\n")
+
+    async def busy_once(route: Any) -> None:
+        resumes.append(loop.time())
+        if len(resumes) == 1:
+            await route.fulfill(status=503, headers={"Retry-After": "2"}, body="<html>Busy</html>")
+        else:
+            await route.continue_()
+
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.route("**/stream?format=ndjson", cut_after_meta)
+        await page.route(lambda url: "/stream/" in url and "last_event_id" in url, busy_once)
+        await ask(page, "Count")
+        await answered(page)
+
+        assert await page.locator("#messages article.assistant .answer").inner_text() == "one two three"
+        assert await page.locator("#messages article.assistant .status").is_hidden()
+        assert len(resumes) == 2 and resumes[1] - resumes[0] >= 1.9
+        # Chromium reports the 503 itself; nothing else may go wrong.
+        assert [p for p in tab.problems if "status of 503" not in p] == []
+
+
 # --- Safety ----------------------------------------------------------------------------------
 
 HOSTILE = [
@@ -372,6 +461,26 @@ async def test_model_output_cannot_run_script(serve: Serve, fake: FakeProvider, 
         dangerous = 'script, iframe, object, embed, [onerror], [srcdoc], a[href^="javascript:" i]'
         assert await page.locator("#messages").locator(dangerous).count() == 0
         assert "<script>window.__pwned = 1</script>" in await body.inner_text()
+        assert tab.problems == []
+
+
+async def test_an_image_from_another_origin_shows_as_a_link_to_it(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("![A chart](https://example.invalid/chart.png)\n\n", "After.\n")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Draw it")
+        await answered(page)
+
+        body = page.locator("#messages article.assistant .answer")
+        assert await body.locator("img").count() == 0
+        link = body.locator("a")
+        assert await link.get_attribute("href") == "https://example.invalid/chart.png"
+        assert await link.inner_text() == "A chart"
+        assert await link.get_attribute("rel") == "noopener noreferrer"
+        # The CSP would refuse the image: no request, so no violation.
         assert tab.problems == []
 
 
@@ -484,6 +593,51 @@ async def test_a_provider_error_is_told_in_plain_words_and_retry_answers(
         assert await page.locator("#messages article.assistant .status").is_hidden()
         # The failed answer is not part of the conversation the model sees.
         assert fake.requests[1]["messages"] == [{"role": "user", "content": "Hello?"}]
+        assert tab.problems == []
+
+
+async def test_a_question_whose_answer_failed_is_left_out_of_the_next_request(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    server = await serve(base_url=fake.base_url, model="m", upstream_retries=0)
+    fake.script = [answer("Hello!"), Reply.error(400, {"error": {"message": "Bad request"}})]
+    fake.reply = answer("Fine.")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Hi")
+        await answered(page)
+        await ask(page, "A question that fails")
+        await answered(page, 2)
+        await ask(page, "Another question")
+        await answered(page, 3)
+
+        # Questions and answers in turn, as the model expects them.
+        assert fake.requests[-1]["messages"] == [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Another question"},
+        ]
+        assert tab.problems == []
+
+
+async def test_an_error_code_the_page_does_not_know_is_told_by_its_message(
+    serve: Serve, browser: Any, tmp_path: Path
+) -> None:
+    server = await serve()
+    messages = [
+        {"role": "user", "content": "Hello?"},
+        # A code named like a property every object has.
+        {"role": "assistant", "content": "", "error": {"code": "constructor", "message": "Something odd."}},
+    ]
+    conversation = {"id": "c", "title": "Odd error", "updated": 1, "messages": messages}
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps({"thinkstream": "conversation", "version": 1, "conversation": conversation}))
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.set_input_files("#import-file", str(path))
+        await answered(page)
+
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Something odd."
         assert tab.problems == []
 
 
@@ -647,6 +801,27 @@ async def test_escape_stops_a_streaming_answer(serve: Serve, slow: tuple[SlowPro
         assert tab.problems == []
 
 
+async def test_a_stop_whose_cancel_request_fails_still_stops_the_answer(
+    serve: Serve, slow: tuple[SlowProvider, str], browser: Any
+) -> None:
+    _, base_url = slow
+    server = await serve(base_url=base_url, model="m")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await page.route("**/cancel", lambda route: route.abort())  # as if offline
+        await ask(page, "Count slowly")
+        await page.wait_for_function(
+            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
+        )
+        await page.click("#stop")
+        await answered(page)
+        await page.wait_for_timeout(300)  # for the cancel request to fail
+
+        assert await page.locator("#messages article.assistant .status").inner_text() == "Stopped."
+        # Chromium reports the failed request itself; nothing else may go wrong.
+        assert [p for p in tab.problems if "net::ERR_FAILED" not in p] == []
+
+
 # --- Copying, announcing, themes -------------------------------------------------------------------
 
 CLIPBOARD = {"permissions": ["clipboard-read", "clipboard-write"]}
@@ -742,6 +917,24 @@ async def test_on_a_phone_the_chat_list_opens_and_closes(serve: Serve, browser: 
         assert tab.problems == []
 
 
+async def test_on_a_phone_the_closed_chat_list_is_out_of_the_tab_order(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/")), viewport=PHONE) as tab:
+        page = tab.page
+        before_toggle = "() => document.activeElement.id || document.activeElement.className"
+        # The chat list comes between the skip link and the button that opens it.
+        await page.focus("#toggle-sidebar")
+        await page.keyboard.press("Shift+Tab")
+        assert await page.evaluate(before_toggle) == "skip"
+
+        await page.focus("#prompt")  # the focused skip link covers the button
+        await page.click("#toggle-sidebar")
+        await page.locator("#sidebar").wait_for(state="visible", timeout=WAIT)
+        await page.keyboard.press("Shift+Tab")
+        assert await page.evaluate(before_toggle) == "import"
+        assert tab.problems == []
+
+
 # Each step is the answer so far; none may show a table's pipes as a paragraph or lose text.
 GROWING_TABLE = ["Before.\n\n| a | b", "Before.\n\n| a | b |\n|--", "Before.\n\n| a | b |\n|---|---|\n| 1 | 2 |"]
 
@@ -783,6 +976,39 @@ async def test_an_open_code_fence_renders_as_code_while_it_streams(serve: Serve,
         )
 
     assert shown == {"code": "def f():\n\n    return 1\n", "fences": False}
+
+
+# A code block in a list in a list, with a blank line in it, as a model writes one.
+NESTED_FENCE = (
+    "1. Install:\n"
+    "   - With pip:\n"
+    "     ```bash\n"
+    "     python -m venv .venv\n"
+    "\n"
+    "     .venv/bin/pip install thinkstream\n"
+    "     ```\n"
+    "   - Done.\n"
+    "2. Run it.\n"
+)
+
+
+async def test_a_code_block_in_a_nested_list_stays_whole_while_it_streams(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        code = await tab.page.evaluate(
+            LIVE_MARKDOWN
+            + """
+                for (const line of argument.split(/(?<=\\n)/)) {
+                    live.append(line);
+                    await twoFrames();
+                }
+                await new Promise((resolve) => live.finish(resolve));
+                return [...box.querySelectorAll("pre code")].map((code) => code.textContent);
+            }""",
+            NESTED_FENCE,
+        )
+
+    assert code == ["python -m venv .venv\n\n.venv/bin/pip install thinkstream\n"]
 
 
 # --- The README's picture ------------------------------------------------------------------------

@@ -24,6 +24,24 @@ async def fill_local_storage(page: Any, url: str, items: dict[str, str]) -> None
     await page.evaluate("(items) => { for (const [k, v] of Object.entries(items)) localStorage.setItem(k, v); }", items)
 
 
+async def put_in_indexeddb(page: Any, chat: dict[str, Any]) -> None:
+    """Store ``chat`` in the page's IndexedDB as it is, as another tab or an earlier version of the page would."""
+    await page.evaluate(
+        """async (chat) => {
+            const db = await new Promise((resolve) => {
+                const request = indexedDB.open(`thinkstream:${location.pathname}`);
+                request.onsuccess = () => resolve(request.result);
+            });
+            const tx = db.transaction(["chats", "messages"], "readwrite");
+            tx.objectStore("chats").put({ id: chat.id, title: chat.title, updated: chat.updated });
+            tx.objectStore("messages").put({ id: chat.id, messages: chat.messages });
+            await new Promise((resolve) => (tx.oncomplete = resolve));
+            db.close();
+        }""",
+        chat,
+    )
+
+
 async def test_conversations_the_old_page_kept_in_local_storage_move_to_indexeddb_once(
     serve: Serve, browser: Any
 ) -> None:
@@ -77,20 +95,7 @@ async def test_a_conversation_already_moved_by_another_tab_is_not_overwritten(se
         page = tab.page
         [newer] = [{**OLD_CHATS[1], "title": "Renamed since"}]
         # As if another tab had moved it and the conversation went on there, while this old copy remained.
-        await page.evaluate(
-            """async (chat) => {
-                const db = await new Promise((resolve) => {
-                    const request = indexedDB.open(`thinkstream:${location.pathname}`);
-                    request.onsuccess = () => resolve(request.result);
-                });
-                const tx = db.transaction(["chats", "messages"], "readwrite");
-                tx.objectStore("chats").put({ id: chat.id, title: chat.title, updated: chat.updated });
-                tx.objectStore("messages").put({ id: chat.id, messages: chat.messages });
-                await new Promise((resolve) => (tx.oncomplete = resolve));
-                db.close();
-            }""",
-            newer,
-        )
+        await put_in_indexeddb(page, newer)
         await page.evaluate(
             "(items) => { for (const [k, v] of Object.entries(items)) localStorage.setItem(k, v); }", OLD_PAGE_STORAGE
         )
@@ -99,6 +104,85 @@ async def test_a_conversation_already_moved_by_another_tab_is_not_overwritten(se
 
         titles = sorted(chat["title"] for chat in await stored_chats(page))
         assert titles == ["Renamed since", "What is the area of a circle of radius 2?"]
+        assert tab.problems == []
+
+
+# What an older page may have left that this one cannot read: a thinking time as text, tool
+# calls that are not a list, a message that is nothing at all.
+ODD_MESSAGES: list[Any] = [
+    {"role": "user", "content": "Why is the sky blue?"},
+    {"role": "assistant", "content": "Rayleigh scattering.", "reasoning": "Light.", "thoughtSeconds": "1.5"},
+    {"role": "assistant", "content": "More.", "toolCalls": {"name": "x"}},
+    None,
+]
+ODD_MESSAGES_MENDED = [
+    {"role": "user", "content": "Why is the sky blue?"},
+    {"role": "assistant", "content": "Rayleigh scattering.", "reasoning": "Light."},
+    {"role": "assistant", "content": "More."},
+]
+
+
+async def test_old_messages_the_page_cannot_read_move_without_what_it_cannot_read(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    url = str(server.make_url("/"))
+    old = [
+        {"id": "fine", "title": "Fine", "updated": 1, "messages": [{"role": "user", "content": "Hello"}]},
+        {"id": "odd", "title": "Odd", "updated": 2, "messages": ODD_MESSAGES},
+    ]
+    async with opened(browser, url) as tab:
+        page = tab.page
+        await page.evaluate("(chats) => localStorage.setItem('thinkstream:/:chats', chats)", json.dumps(old))
+        await page.reload()
+        await ready(page)
+
+        stored = {chat["id"]: chat["messages"] for chat in await stored_chats(page)}
+        assert stored == {"fine": old[0]["messages"], "odd": ODD_MESSAGES_MENDED}
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["Odd", "Fine"]
+        assert await page.locator("#messages article.assistant .answer").all_inner_texts() == [
+            "Rayleigh scattering.",
+            "More.",
+        ]
+        assert tab.problems == []
+
+
+async def test_an_old_conversation_the_page_cannot_read_stays_in_local_storage(serve: Serve, browser: Any) -> None:
+    server = await serve()
+    url = str(server.make_url("/"))
+    unreadable = {"id": "odd", "title": "Odd", "updated": 1, "messages": {"0": {"role": "user", "content": "Hi"}}}
+    fine = {"id": "fine", "title": "Fine", "updated": 2, "messages": [{"role": "user", "content": "Hello"}]}
+    old = [fine, unreadable]
+    async with opened(browser, url) as tab:
+        page = tab.page
+        await page.evaluate("(chats) => localStorage.setItem('thinkstream:/:chats', chats)", json.dumps(old))
+        for _ in range(2):  # and again, finding it there: nothing doubled
+            await page.reload()
+            await ready(page)
+
+            assert [chat["id"] for chat in await stored_chats(page)] == ["fine"]
+            left = await page.evaluate("() => localStorage.getItem('thinkstream:/:chats')")
+            assert json.loads(left) == [unreadable]
+        assert tab.problems == []
+
+
+async def test_messages_an_earlier_version_moved_unchecked_still_show_and_are_searched(
+    serve: Serve, browser: Any
+) -> None:
+    server = await serve()
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await put_in_indexeddb(page, {"id": "odd", "title": "Odd", "updated": 2, "messages": ODD_MESSAGES})
+        sea = [{"role": "user", "content": "Waves and tides."}]
+        await put_in_indexeddb(page, {"id": "sea", "title": "Sea", "updated": 1, "messages": sea})
+        await page.reload()
+        await ready(page)
+
+        assert await page.locator("#messages article.assistant .answer").all_inner_texts() == [
+            "Rayleigh scattering.",
+            "More.",
+        ]
+        await page.fill("#search", "tides")  # read past the message that is nothing at all
+        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 1")
+        assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["Sea"]
         assert tab.problems == []
 
 

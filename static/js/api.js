@@ -40,9 +40,9 @@ export class ApiError extends Error {
     let code = "http_error";
     let message = `HTTP ${response.status}`;
     try {
-      const body = await response.json();
-      code = body.error.code;
-      message = body.error.message;
+      const { error } = await response.json();
+      if (typeof error.code === "string") code = error.code;
+      if (typeof error.message === "string") message = error.message;
     } catch {
       // Not the relay's JSON (a proxy's page, say): keep the status.
     }
@@ -100,21 +100,25 @@ export class Api {
         signal: controller.signal,
       });
       if (!response.ok) throw await ApiError.from(response);
+      let refused = null; // the latest resume the server answered with a transient error
       for (let attempt = 0; ; attempt += 1) {
-        const before = seq;
-        try {
-          await readLines(response, take);
-        } catch (error) {
-          if (stopped) return;
-          // A dropped connection: resume below.
+        if (response) {
+          const before = seq;
+          try {
+            await readLines(response, take);
+          } catch (error) {
+            if (stopped) return;
+            // A dropped connection: resume below.
+          }
+          if (ended || stopped) return;
+          if (seq > before) attempt = 0;
         }
-        if (ended || stopped) return;
-        if (seq > before) attempt = 0;
         if (streamId === null || attempt >= MAX_RESUMES) {
-          throw new ApiError(0, "connection_lost", "The connection to the server was lost.");
+          throw refused || new ApiError(0, "connection_lost", "The connection to the server was lost.");
         }
-        await sleep(Math.min(250 * 2 ** attempt, 4000));
+        await sleep(Math.max(backoff(attempt), retryAfterMs(refused?.retryAfter)));
         if (stopped) return;
+        response = null;
         const query = new URLSearchParams({ format: "ndjson", last_event_id: `${streamId}:${seq}` });
         try {
           response = await fetch(`stream/${encodeURIComponent(streamId)}?${query}`, {
@@ -126,7 +130,15 @@ export class Api {
           continue; // Still offline: try again.
         }
         if (response.status === 204) return;
-        if (!response.ok) throw await ApiError.from(response);
+        if (response.ok) {
+          refused = null;
+          continue;
+        }
+        refused = await ApiError.from(response);
+        // Busy, rate limited or a proxy's hiccup: the stream goes on, so try again. Anything else
+        // (no token, the stream gone) will not change by asking again.
+        if (!isTransient(response.status)) throw refused;
+        response = null;
       }
     };
     const stop = async () => {
@@ -137,8 +149,33 @@ export class Api {
         await fetch(`stream/${encodeURIComponent(streamId)}/cancel`, { method: "POST", headers: this.headers() });
       }
     };
-    return { done: run(), stop, arrival };
+    // Stopped before the answer began, fetch rejects with an AbortError: that is a stop, not an error.
+    const done = run().catch((error) => {
+      if (!stopped) throw error;
+    });
+    return { done, stop, arrival };
   }
+}
+
+/** How long to wait before resume attempt `attempt` (from 0): longer each time, up to 4 s. */
+function backoff(attempt) {
+  return Math.min(250 * 2 ** attempt, 4000);
+}
+
+/** A status a resume may get while the stream goes on: the server or a proxy before it is busy or down. */
+function isTransient(status) {
+  return status === 429 || status >= 500;
+}
+
+// The longest a Retry-After keeps a resume waiting: longer, and the answer would seem to hang.
+const MAX_RETRY_AFTER_MS = 10_000;
+
+/** A Retry-After header (seconds or an HTTP date) in milliseconds, within 0 and MAX_RETRY_AFTER_MS. */
+function retryAfterMs(header) {
+  if (!header) return 0;
+  const seconds = Number(header);
+  const ms = Number.isFinite(seconds) ? seconds * 1000 : Date.parse(header) - Date.now();
+  return Number.isFinite(ms) ? Math.min(Math.max(ms, 0), MAX_RETRY_AFTER_MS) : 0;
 }
 
 // How long one task may spend on buffered events before letting the page paint.

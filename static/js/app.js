@@ -248,8 +248,14 @@ function requestBody() {
   const messages = [];
   if (settings.system.trim()) messages.push({ role: "system", content: settings.system });
   for (const message of current.messages) {
-    // Failed or empty answers are not part of the conversation the model sees.
-    if (message.role === "assistant" && (message.error || !message.content)) continue;
+    // A question that got no answer is left out with its failed or empty answer, if any, so
+    // that the model sees questions and answers in turn.
+    const unanswered = messages.at(-1)?.role === "user";
+    if (message.role === "assistant" && (message.error || !message.content)) {
+      if (unanswered) messages.pop();
+      continue;
+    }
+    if (message.role === "user" && unanswered) messages.pop();
     messages.push({ role: message.role, content: message.content });
   }
   const body = { messages };
@@ -281,7 +287,9 @@ function generate() {
       if (error instanceof ApiError && error.status === 401) {
         askForToken();
       }
-      outcome = { error: { code: error.code || "connection_lost", message: error.message } };
+      // Only the relay's errors carry a code of its own (a DOMException's `code` is a number).
+      const code = error instanceof ApiError ? error.code : "connection_lost";
+      outcome = { error: { code, message: String(error.message ?? "") } };
     })
     .finally(() => {
       const stopped = running && running.stopped;
@@ -296,9 +304,12 @@ function generate() {
         ...outcome,
       });
       if (view.calls.size) record.toolCalls = view.toolCalls;
-      chat.messages.push(record);
-      chat.updated = Date.now();
-      persist(chat);
+      // Deleted while it streamed: storing the answer would bring the conversation back.
+      if (chats.some((c) => c.id === chat.id)) {
+        chat.messages.push(record);
+        chat.updated = Date.now();
+        persist(chat);
+      }
       // The live view becomes the stored message as it is: no re-render.
       view.finish(outcome, () => {
         frames.onFrame = null;
@@ -323,7 +334,8 @@ function setRunning(on) {
 function stop() {
   if (!running) return;
   running.stopped = true;
-  running.handle.stop();
+  // The cancel request may fail (offline): the answer stops on the page all the same.
+  running.handle.stop().catch(() => {});
 }
 
 function dropLastAnswer() {

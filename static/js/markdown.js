@@ -48,7 +48,33 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
     node.setAttribute("target", "_blank");
     node.setAttribute("rel", "noopener noreferrer");
   }
+  if (node.tagName === "IMG") linkForeignImage(node);
 });
+
+/**
+ * The CSP lets images come from the page's own origin (and data: URLs) only: an image of another
+ * origin would not load, and its request would be reported as a violation. Put a link to it in its
+ * place, while the node is still in DOMPurify's inert document, before anything tries to load it.
+ * (The new link is sanitised next, as DOMPurify walks on.)
+ */
+function linkForeignImage(image) {
+  const source = image.getAttribute("src") || "";
+  let url;
+  try {
+    url = new URL(source, document.baseURI);
+  } catch {
+    url = null;
+  }
+  if (url && (url.protocol === "data:" || url.origin === location.origin)) return;
+  if (url && (url.protocol === "https:" || url.protocol === "http:")) {
+    const link = image.ownerDocument.createElement("a");
+    link.href = url.href;
+    link.textContent = image.getAttribute("alt") || url.href;
+    image.replaceWith(link);
+  } else {
+    image.remove();
+  }
+}
 
 /**
  * Markdown to a sanitised DocumentFragment, with its math drawn and copy buttons on code blocks.
@@ -227,13 +253,17 @@ export class LiveMarkdown {
     this.stable = end;
   }
 
-  /** Record the end of every blank line outside a code fence: the text before it is final. */
+  /**
+   * Record the end of every blank line outside a code fence: the text before it is final. The
+   * scanner does not follow list items, so it takes a fence at any indentation, or after list
+   * markers, for one: a fence in a nested list is indented four spaces or more.
+   */
   findBoundaries() {
     const text = this.text;
     let start = this.scan;
     for (let end = text.indexOf("\n", start); end !== -1; end = text.indexOf("\n", start)) {
       const line = text.slice(start, end);
-      const fence = /^ {0,3}(`{3,}|~{3,})/.exec(line);
+      const fence = FENCE.exec(line);
       if (this.inFence === null) {
         if (fence) this.inFence = fence[1];
         else if (line.trim() === "") this.boundaries.push(end + 1);
@@ -245,6 +275,9 @@ export class LiveMarkdown {
     this.scan = start;
   }
 }
+
+// A line that opens or closes a code fence, as far as finding blocks goes (see findBoundaries).
+const FENCE = /^[ \t]*(?:(?:[-+*]|\d{1,9}[.)])[ \t]+)*(`{3,}|~{3,})/;
 
 /** Hold back a table whose delimiter row has not (fully) arrived yet. */
 function withoutHalfTable(tail) {

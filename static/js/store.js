@@ -6,6 +6,8 @@
 // IndexedDB has two object stores: "chats" holds each conversation's id, title and time (all of
 // them are read when the page opens) and "messages" its messages (read when it is opened).
 
+import { readableMessages } from "./transfer.js";
+
 const PREFIX = `thinkstream:${location.pathname}:`;
 const DB_NAME = `thinkstream:${location.pathname}`;
 const DB_VERSION = 1;
@@ -72,6 +74,23 @@ function done(target) {
 
 const meta = ({ id, title, updated }) => ({ id, title, updated });
 
+/** Whether a stored message's text contains `needle` (lower case); whatever else is stored, false. */
+const contains = (message, needle) =>
+  typeof message?.content === "string" && message.content.toLowerCase().includes(needle);
+
+/** An old page's conversation as the page keeps one, or null if it has messages but none the page can read. */
+function oldChat(chat) {
+  if (typeof chat !== "object" || chat === null || !Array.isArray(chat.messages)) return null;
+  const messages = readableMessages(chat.messages);
+  if (chat.messages.length && !messages.length) return null;
+  return {
+    id: typeof chat.id === "string" && chat.id ? chat.id : newId(),
+    title: String(chat.title ?? "Chat"),
+    updated: Number(chat.updated) || 0,
+    messages,
+  };
+}
+
 /** Conversations in IndexedDB. */
 class History {
   constructor(db) {
@@ -91,7 +110,8 @@ class History {
       done(tx.objectStore("chats").get(id)),
       done(tx.objectStore("messages").get(id)),
     ]);
-    return head && { ...head, messages: body ? body.messages : [] };
+    // Read as the page can read them: an earlier version moved the old page's messages unchecked.
+    return head && { ...head, messages: body ? readableMessages(body.messages) : [] };
   }
 
   /** Store a whole conversation; rejects with a StorageProblem if the browser refuses. */
@@ -123,7 +143,7 @@ class History {
       cursor.onsuccess = () => {
         const at = cursor.result;
         if (!at) return resolve();
-        if (at.value.messages.some((m) => typeof m.content === "string" && m.content.toLowerCase().includes(needle))) {
+        if (at.value.messages.some((m) => contains(m, needle))) {
           found.add(at.value.id);
         }
         at.continue();
@@ -134,9 +154,11 @@ class History {
 
   /**
    * Move the conversations the old page kept in localStorage into IndexedDB, once. The
-   * localStorage copy is removed only after the transaction that holds all of them has
+   * localStorage copy is changed only after the transaction that holds all of them has
    * committed, and a conversation already in IndexedDB (a migration another tab finished) is
-   * never overwritten, so nothing is lost or doubled whatever happens in between.
+   * never overwritten, so nothing is lost or doubled whatever happens in between. Messages are
+   * moved as the page can read them (see readableMessages); an entry with none to read is left
+   * in localStorage, untouched, rather than lost.
    */
   async migrate() {
     let raw;
@@ -157,15 +179,21 @@ class History {
     const heads = tx.objectStore("chats");
     const bodies = tx.objectStore("messages");
     const present = new Set(await done(heads.getAllKeys()));
-    for (const chat of chats) {
-      if (!chat || !Array.isArray(chat.messages)) continue;
-      const id = typeof chat.id === "string" && chat.id ? chat.id : newId();
-      if (present.has(id)) continue;
-      heads.put(meta({ ...chat, id, title: String(chat.title ?? "Chat"), updated: Number(chat.updated) || 0 }));
-      bodies.put({ id, messages: chat.messages });
+    const left = [];
+    for (const entry of chats) {
+      const chat = oldChat(entry);
+      if (chat === null) {
+        if (entry !== null) left.push(entry);
+        continue;
+      }
+      if (present.has(chat.id)) continue;
+      heads.put(meta(chat));
+      bodies.put({ id: chat.id, messages: chat.messages });
     }
     await done(tx);
-    localStorage.removeItem(PREFIX + "chats");
+    if (left.length && left.length === chats.length) return; // nothing moved: nothing to change
+    if (left.length) localStorage.setItem(PREFIX + "chats", JSON.stringify(left));
+    else localStorage.removeItem(PREFIX + "chats");
   }
 }
 
@@ -197,7 +225,7 @@ class MemoryHistory {
     const needle = text.toLowerCase();
     const found = new Set();
     for (const chat of this.chats.values()) {
-      if (chat.messages.some((m) => typeof m.content === "string" && m.content.toLowerCase().includes(needle))) {
+      if (chat.messages.some((m) => contains(m, needle))) {
         found.add(chat.id);
       }
     }
@@ -227,7 +255,9 @@ export async function openHistory() {
   try {
     history = new History(await openDatabase());
   } catch {
-    return new MemoryHistory(read("chats", []).filter((chat) => chat && chat.id && Array.isArray(chat.messages)), REFUSED);
+    const old = read("chats", []);
+    const chats = Array.isArray(old) ? old.map(oldChat).filter((chat) => chat !== null) : [];
+    return new MemoryHistory(chats, REFUSED);
   }
   try {
     await history.migrate();

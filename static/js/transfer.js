@@ -42,29 +42,51 @@ export function fromJson(text) {
 const isObject = (value) => typeof value === "object" && value !== null && !Array.isArray(value);
 const isNumberOrNull = (value) => value === null || Number.isFinite(value);
 
+// The optional fields of a message the page reads, and the values it can read.
+const OPTIONAL = {
+  reasoning: (v) => typeof v === "string",
+  thoughtSeconds: isNumberOrNull,
+  stopped: (v) => typeof v === "boolean",
+  buffered: (v) => typeof v === "boolean",
+  error: (v) => isObject(v) && typeof v.code === "string" && typeof v.message === "string",
+  stats: (v) =>
+    isObject(v) &&
+    ["ttft_ms", "duration_ms"].every((k) => v[k] === undefined || isNumberOrNull(v[k])) &&
+    (v.usage === undefined || v.usage === null || (isObject(v.usage) && Object.values(v.usage).every(isNumberOrNull))),
+  toolCalls: (v) =>
+    Array.isArray(v) &&
+    v.every((call) => isObject(call) && typeof call.name === "string" && typeof call.arguments === "string"),
+};
+
 /** What is wrong with one message, or "" (the fields the page reads, with the types it expects). */
 function checkMessage(message) {
   if (!isObject(message)) return "is not an object";
   if (message.role !== "user" && message.role !== "assistant") return "has no role of user or assistant";
   if (typeof message.content !== "string") return "has no text";
-  const optional = {
-    reasoning: (v) => typeof v === "string",
-    thoughtSeconds: isNumberOrNull,
-    stopped: (v) => typeof v === "boolean",
-    buffered: (v) => typeof v === "boolean",
-    error: (v) => isObject(v) && typeof v.code === "string" && typeof v.message === "string",
-    stats: (v) =>
-      isObject(v) &&
-      ["ttft_ms", "duration_ms"].every((k) => v[k] === undefined || isNumberOrNull(v[k])) &&
-      (v.usage === undefined || v.usage === null || (isObject(v.usage) && Object.values(v.usage).every(isNumberOrNull))),
-    toolCalls: (v) =>
-      Array.isArray(v) &&
-      v.every((call) => isObject(call) && typeof call.name === "string" && typeof call.arguments === "string"),
-  };
-  for (const [field, valid] of Object.entries(optional)) {
+  for (const [field, valid] of Object.entries(OPTIONAL)) {
     if (message[field] !== undefined && !valid(message[field])) return `has a ${field} the page cannot read`;
   }
   return "";
+}
+
+/**
+ * The messages of `messages` the page can read: each as it is if it is fine, else without the
+ * optional fields it cannot read; one with no role or no text is left out. For what this browser
+ * kept itself (an older page may have written what this one does not expect), where refusing the
+ * whole conversation, as an import does, would lose the rest of it.
+ */
+export function readableMessages(messages) {
+  return messages.map(readable).filter((message) => message !== null);
+}
+
+function readable(message) {
+  if (!checkMessage(message)) return message;
+  if (!isObject(message)) return null;
+  const repaired = { ...message };
+  for (const [field, valid] of Object.entries(OPTIONAL)) {
+    if (repaired[field] !== undefined && !valid(repaired[field])) delete repaired[field];
+  }
+  return checkMessage(repaired) ? null : repaired;
 }
 
 /** The conversation as a Markdown document. */

@@ -27,7 +27,9 @@ const ERROR_WORDS = {
 };
 
 export function errorWords(error) {
-  return ERROR_WORDS[error.code] || error.message || "Something went wrong.";
+  // Own properties only: a code such as "constructor" must not find Object's.
+  const words = Object.hasOwn(ERROR_WORDS, error.code) ? ERROR_WORDS[error.code] : "";
+  return words || error.message || "Something went wrong.";
 }
 
 function element(tag, className, text) {
