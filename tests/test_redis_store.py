@@ -329,3 +329,32 @@ async def test_a_stream_redis_lost_is_a_retryable_failure_for_a_reader_elsewhere
         await seen.read(2)
 
     assert lost.value.event()["retryable"] is True
+
+
+async def test_what_a_process_read_from_its_inbox_leaves_redis(
+    pair: tuple[RedisStreamStore, RedisStreamStore], admin: aioredis.Redis
+) -> None:
+    # An inbox entry is a whole batch, outside every byte budget: kept once read, a process's inbox
+    # would hold thousands of them.
+    owner, other = pair
+    log = await owner.create("s", client="c")
+    await log.append([META])
+    await other.reader_joined("s")
+    seen = await other.get("s")
+    assert seen is not None
+    woken = asyncio.Event()
+    seen.subscribe(woken.set)
+    for i in range(50):
+        await log.append([content(f"{i} " + "x" * 1000)])
+    inbox = other.key("inbox", other.process)
+
+    for _ in range(50):
+        if await admin.xlen(inbox) <= 1:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the inbox still holds {await admin.xlen(inbox)} entries after 5 s")
+
+    assert woken.is_set()
+    seen.unsubscribe(woken.set)
+    await other.reader_left("s")

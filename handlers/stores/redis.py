@@ -57,6 +57,8 @@ logger = logging.getLogger(__name__)
 LEASE = 10.0
 HEARTBEAT = 1.0
 REAP_EVERY = 1.0
+# Seconds between trims of what a process's inbox has brought it.
+TRIM_EVERY = 1.0
 # How long the shared reader blocks on Redis: well below the client's socket timeout.
 BLOCK_MS = 1000
 # How long a process's published metrics are kept (it publishes them every heartbeat).
@@ -383,7 +385,8 @@ class _Follower:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         client = self._store.client
-        checked = loop.time()
+        checked = trimmed = loop.time()
+        trimmed_to = self._seen
         while True:
             if not self._streams:
                 self._changed.clear()
@@ -409,6 +412,12 @@ class _Follower:
                         target.take(int(fields[b"f"]), _unpack(fields[b"k"], fields[b"l"], fields[b"d"]), now)
                         grown[id(target)] = target
             self._wake(grown.values())
+            if self._seen != trimmed_to and now - trimmed >= TRIM_EVERY:
+                # What was read is not read again: out of Redis's memory with it, which no byte budget
+                # counts (an inbox entry is a whole batch, kept for each process reading the stream).
+                trimmed, trimmed_to = now, self._seen
+                with contextlib.suppress(redis_errors.RedisError, OSError):
+                    await client.xtrim(self._inbox, minid=trimmed_to, approximate=False)
             if now - checked >= REAP_EVERY:
                 checked = now
                 await self._check(now)
