@@ -18,7 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 from helpers import RedisServer
 
-from handlers.errors import StoreUnavailable
+from handlers.errors import RelayError, StoreUnavailable
 from handlers.stores.log import LogClosed
 from handlers.stores.redis import RedisStreamStore, connect
 
@@ -30,8 +30,11 @@ def content(text: str) -> tuple[str, bytes]:
     return "content", orjson.dumps({"type": "content", "text": text})
 
 
-def two_stores(url: str) -> contextlib.AbstractAsyncContextManager[tuple[RedisStreamStore, RedisStreamStore]]:
+def two_stores(
+    url: str, **settings: Any
+) -> contextlib.AbstractAsyncContextManager[tuple[RedisStreamStore, RedisStreamStore]]:
     """The store of the process running a stream, and the store of another process, on the Redis at ``url``."""
+    settings = {"max_streams": 100, "client_streams": 100, **settings}
 
     @contextlib.asynccontextmanager
     async def made() -> AsyncIterator[tuple[RedisStreamStore, RedisStreamStore]]:
@@ -45,8 +48,7 @@ def two_stores(url: str) -> contextlib.AbstractAsyncContextManager[tuple[RedisSt
                 retention=60,
                 stream_bytes=64 * KIB,
                 total_bytes=64 * KIB,
-                max_streams=100,
-                client_streams=100,
+                **settings,
             )
             store.start()
             stores.append(store)
@@ -358,3 +360,22 @@ async def test_what_a_process_read_from_its_inbox_leaves_redis(
     assert woken.is_set()
     seen.unsubscribe(woken.set)
     await other.reader_left("s")
+
+
+async def test_a_stream_whose_making_was_cancelled_gives_back_its_slot_at_once(shared_redis: RedisServer) -> None:
+    async with two_stores(shared_redis.url, client_streams=1) as (owner, _):
+        making = asyncio.create_task(owner.create("s1", client="c"))
+        await asyncio.sleep(0)  # its script is on its way
+        making.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await making
+
+        async with asyncio.timeout(2):  # not the lease's 10 s
+            while True:
+                try:
+                    log = await owner.create("s2", client="c")
+                    break
+                except RelayError:
+                    await asyncio.sleep(0.05)
+
+    assert log.stream_id == "s2"

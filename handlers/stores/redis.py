@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -445,6 +446,12 @@ class _Follower:
                 wake()
 
 
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    """A call made for its effect alone: its failure is retrieved (so not logged as never retrieved) and let go."""
+    if not future.cancelled():
+        future.exception()
+
+
 def _cancelled_meanwhile() -> None:
     """Raise the cancellation that a read with a timeout may have swallowed.
 
@@ -751,7 +758,7 @@ class RedisStreamStore(StreamStore):
             logger.debug("background redis call failed: %r", task.exception())
 
     async def create(self, stream_id: str, *, client: str, principal: str | None = None) -> StreamLog:
-        result = await self.calls(
+        call = self.calls.submit(
             "CREATE",
             self.prefix,
             stream_id,
@@ -764,6 +771,13 @@ class RedisStreamStore(StreamStore):
             self.running_ttl_ms,
             self.globals_ttl_ms,
         )
+        try:
+            result = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # The script runs all the same: a stream made for no one gives back its slots at once,
+            # rather than when its lease runs out.
+            call.add_done_callback(functools.partial(self._unmake, stream_id))
+            raise
         if result == b"busy":
             raise server_busy()
         if result == b"client_busy":
@@ -772,6 +786,14 @@ class RedisStreamStore(StreamStore):
             raise RelayError(f"stream id {stream_id} is taken; try again")
         mirror = await self._mirror.create(stream_id, client=client, principal=principal)
         return _OwnedLog(self, mirror)
+
+    def _unmake(self, stream_id: str, call: asyncio.Future[Any]) -> None:
+        if call.cancelled() or call.exception() is not None or call.result() != b"ok":
+            return
+        finish = self.calls.submit(
+            "FINISH", self.prefix, stream_id, self.process, self.retention_ms, self.globals_ttl_ms
+        )
+        finish.add_done_callback(_ignore_outcome)
 
     async def get(self, stream_id: str) -> StreamLog | None:
         found = await self.calls("OPEN", self.prefix, stream_id, self.retention_ms, self.globals_ttl_ms, _lost())
