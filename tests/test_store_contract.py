@@ -117,6 +117,18 @@ async def test_an_append_returns_its_events_numbered_and_reads_give_them_back(ma
     assert list(everything) == [(1, "meta", b'{"type":"meta"}'), *appended]
 
 
+async def test_an_empty_append_numbers_nothing_and_changes_nothing(make_stores: MakeStores) -> None:
+    stores = await make_stores()
+    log = await stores.create()
+    await log.append([event(1)])
+
+    appended = await log.append([])
+
+    assert (appended.first, len(appended)) == (2, 0)
+    assert seqs(await (await stores.view(log)).read(0)) == [1]
+    assert (await log.append([event(2)])).first == 2
+
+
 async def test_a_finished_log_says_so_to_readers_at_its_end(make_stores: MakeStores) -> None:
     stores = await make_stores()
     log = await stores.create()

@@ -505,6 +505,8 @@ class _OwnedLog(StreamLog):
     async def append(self, events: Sequence[tuple[str, bytes]]) -> Events:
         if self._closed:
             raise LogClosed(self.stream_id)
+        if not events:
+            return Events(self._last + 1, [])  # nothing to number, as in memory
         if self._uncertain:
             await self._settle()
         if not self._broken:
