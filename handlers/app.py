@@ -67,7 +67,7 @@ def create_app(config: Config) -> web.Application:
             web.get("/", page.index, name="index"),
             web.get("/healthz", ops.healthz, name="healthz"),
             web.get("/readyz", ops.readyz, name="readyz"),
-            web.static("/static", page.STATIC_DIR, name="static"),
+            web.get("/static/{path:.+}", page.asset, name="static"),
         ]
     )
     if config.uses_demo:

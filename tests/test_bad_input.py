@@ -310,6 +310,10 @@ UNKNOWN_ROUTES = [
     pytest.param(Bad("GET", "/nowhere", 404, "not_found", ("Not Found",)), id="GET /nowhere"),
     pytest.param(Bad("GET", "/stream/", 404, "not_found"), id="GET /stream/ with a trailing slash"),
     pytest.param(Bad("POST", "/v1/chat/completions", 404, "not_found"), id="the provider's route"),
+    pytest.param(Bad("GET", "/static/nope.js", 404, "not_found"), id="an asset the page does not have"),
+    pytest.param(Bad("GET", "/static/js", 404, "not_found"), id="a folder of the page's assets"),
+    pytest.param(Bad("GET", "/static/%2e%2e/server.py", 404, "not_found"), id="a file outside the page's folder"),
+    pytest.param(Bad("GET", "/static/a%00b.js", 404, "not_found"), id="a name with a NUL byte"),
 ]
 
 WRONG_METHODS = [
