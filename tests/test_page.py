@@ -84,6 +84,14 @@ def record_requests(app: web.Application) -> list[Seen]:
 # --- Answering ------------------------------------------------------------------------
 
 
+async def streaming(page: Any) -> None:
+    """Ask the slow provider's question and wait until its answer, still streaming, has shown a few words."""
+    await ask(page, "Count slowly")
+    await page.wait_for_function(
+        "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
+    )
+
+
 async def test_a_demo_answer_shows_thinking_then_rendered_markdown_and_stats(serve: Serve, browser: Any) -> None:
     server = await serve(demo_delay=0.01)
     question = "Which is better for a chat relay?"
@@ -119,10 +127,7 @@ async def test_stop_hangs_up_on_the_provider_and_keeps_the_partial_answer(
     server = await serve(base_url=base_url, model="m")
     async with opened(browser, str(server.make_url("/"))) as tab:
         page = tab.page
-        await ask(page, "Count slowly")
-        await page.wait_for_function(
-            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
-        )
+        await streaming(page)
         await page.click("#stop")
         stopped_at = asyncio.get_running_loop().time()
         await answered(page)
@@ -222,10 +227,7 @@ async def test_a_conversation_deleted_while_its_answer_streams_stays_deleted(
     server = await serve(base_url=base_url, model="m")
     async with opened(browser, str(server.make_url("/"))) as tab:
         page = tab.page
-        await ask(page, "Count slowly")
-        await page.wait_for_function(
-            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
-        )
+        await streaming(page)
         await page.get_by_role("button", name="Delete “Count slowly”").click()
         await asyncio.wait_for(provider.hung_up.wait(), 5)
         await page.wait_for_selector("#stop", state="hidden", timeout=WAIT)
@@ -789,10 +791,7 @@ async def test_escape_stops_a_streaming_answer(serve: Serve, slow: tuple[SlowPro
     server = await serve(base_url=base_url, model="m")
     async with opened(browser, str(server.make_url("/"))) as tab:
         page = tab.page
-        await ask(page, "Count slowly")
-        await page.wait_for_function(
-            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
-        )
+        await streaming(page)
         await page.keyboard.press("Escape")
         await answered(page)
 
@@ -809,10 +808,7 @@ async def test_a_stop_whose_cancel_request_fails_still_stops_the_answer(
     async with opened(browser, str(server.make_url("/"))) as tab:
         page = tab.page
         await page.route("**/cancel", lambda route: route.abort())  # as if offline
-        await ask(page, "Count slowly")
-        await page.wait_for_function(
-            "() => document.querySelector('#messages .answer')?.textContent.includes('word3')", timeout=WAIT
-        )
+        await streaming(page)
         await page.click("#stop")
         await answered(page)
         await page.wait_for_timeout(300)  # for the cancel request to fail

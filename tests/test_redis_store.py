@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import orjson
@@ -261,6 +261,16 @@ async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
         await server.wait_closed()
 
 
+@contextlib.contextmanager
+def frozen(redis: RedisServer) -> Iterator[None]:
+    """Redis stopped (SIGSTOP) for the block: what it is sent waits unread, and its replies with it."""
+    redis.freeze()
+    try:
+        yield
+    finally:
+        redis.thaw()
+
+
 STORE_ERROR = ("error", b'{"type":"error","code":"store_unavailable","retryable":true}')
 
 
@@ -272,12 +282,8 @@ async def test_an_append_whose_reply_never_came_is_settled_with_what_redis_holds
     async with two_stores(own_redis.url) as (owner, other):
         log = await owner.create("s", client="c")
         await log.append([META])
-        own_redis.freeze()
-        try:
-            with pytest.raises(StoreUnavailable):
-                await log.append([content("a real token")])
-        finally:
-            own_redis.thaw()
+        with frozen(own_redis), pytest.raises(StoreUnavailable):
+            await log.append([content("a real token")])
         # As the generation does: its end, then finish.
         await log.append([STORE_ERROR])
         await log.finish()
@@ -295,15 +301,12 @@ async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_r
     async with two_stores(own_redis.url) as (owner, other):
         log = await owner.create("s", client="c")
         await log.append([META])
-        own_redis.freeze()
-        try:
+        with frozen(own_redis):
             with pytest.raises(StoreUnavailable):
                 await log.append([content("a real token")])
             with pytest.raises(StoreUnavailable):
                 # Redis cannot tell yet: the end is not numbered here.
                 await asyncio.wait_for(log.append([STORE_ERROR]), 10)
-        finally:
-            own_redis.thaw()
         await log.finish()
 
         assert log.handed_over

@@ -9,7 +9,7 @@ one, and the provider's own message when it gave one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -26,6 +26,7 @@ from helpers import (
     collect,
     free_port,
     kinds,
+    serve_provider,
     sse,
     text_of,
     transcript,
@@ -404,21 +405,26 @@ async def test_a_stream_with_a_finish_reason_but_no_done_marker_is_done(
     assert events[-1].data["finish_reason"] == "stop"
 
 
-async def test_a_dropped_connection_is_upstream_disconnected(
-    aiohttp_server: AiohttpServer, relay: RelayFactory
-) -> None:
-    async def drop_after_one_chunk(request: web.Request) -> web.StreamResponse:
+def drops_after(*chunks: dict[str, Any]) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A provider that sends ``chunks``, then drops the connection."""
+
+    async def chat_completions(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        await response.write(sse(chunk(content="Par")))
+        await response.write(sse(*chunks))
+        await asyncio.sleep(0.05)
         assert request.transport is not None
         request.transport.close()
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", drop_after_one_chunk)
-    server = await aiohttp_server(app)
-    events = await ask(await relay(base_url=str(server.make_url("/v1")), model="m"))
+    return chat_completions
+
+
+async def test_a_dropped_connection_is_upstream_disconnected(
+    aiohttp_server: AiohttpServer, relay: RelayFactory
+) -> None:
+    base_url = await serve_provider(aiohttp_server, drops_after(chunk(content="Par")))
+    events = await ask(await relay(base_url=base_url, model="m"))
 
     assert types(events) == ["meta", "content", "error"]
     error = the_error(events)
@@ -435,19 +441,8 @@ async def test_a_dropped_connection_is_upstream_disconnected(
 async def test_text_held_back_as_a_possible_tag_is_relayed_when_the_connection_drops(
     aiohttp_server: AiohttpServer, relay: RelayFactory, think: str, deltas: list[str], kind: str
 ) -> None:
-    async def drop_after_the_deltas(request: web.Request) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        await response.write(sse(*(chunk(content=delta) for delta in deltas)))
-        await asyncio.sleep(0.05)
-        assert request.transport is not None
-        request.transport.close()
-        return response
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", drop_after_the_deltas)
-    server = await aiohttp_server(app)
-    events = await ask(await relay(base_url=str(server.make_url("/v1")), model="m", think=think))
+    base_url = await serve_provider(aiohttp_server, drops_after(*(chunk(content=delta) for delta in deltas)))
+    events = await ask(await relay(base_url=base_url, model="m", think=think))
 
     assert the_error(events)["code"] == "upstream_disconnected"
     assert text_of(events, kind) == "".join(deltas)
