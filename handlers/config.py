@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import logging
 import math
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +25,8 @@ from .config_file import read_config_file
 from .errors import ConfigError
 from .provider.providers import Provider, check_base_url, check_providers
 from .provider.think_tags import THINK_MODES
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DEEPSEEK_BASE_URL", "OPENAI_BASE_URL", "Config", "ConfigError", "load_config", "settings"]
 
@@ -601,6 +604,7 @@ def load_config(argv: Sequence[str], environ: Mapping[str, str]) -> Config:
         values.pop("api_key", None)
     else:
         _apply_provider_conventions(values, environ)
+        _choose_key(values, environ)
     try:
         return Config(**values)
     except ConfigError as exc:
@@ -634,3 +638,34 @@ def _apply_provider_conventions(values: dict[str, Any], environ: Mapping[str, st
     elif environ.get("DEEPSEEK_API_KEY", "").strip():
         values["base_url"] = DEEPSEEK_BASE_URL
         values.setdefault("model", DEEPSEEK_DEFAULT_MODEL)
+
+
+# Hosts whose own key variable is meant for them: with both keys set, each goes to its own provider.
+_OWN_KEYS = {"api.openai.com": "OPENAI_API_KEY", "api.deepseek.com": "DEEPSEEK_API_KEY"}
+
+
+def _choose_key(values: dict[str, Any], environ: Mapping[str, str]) -> None:
+    """The single provider's key: ``LLM_API_KEY``, else the base URL's own provider's variable, else the first set.
+
+    A key taken from another provider's variable is sent all the same (as
+    documented), with a warning that names the variable and the host, never the key.
+    """
+    if "api_key" not in values or environ.get("LLM_API_KEY", "").strip():
+        return
+    base_url = values.get("base_url")
+    try:
+        host = URL(base_url).host if isinstance(base_url, str) else None
+    except ValueError:
+        return  # refused when the configuration is checked
+    own = _OWN_KEYS.get(host or "")
+    if own is not None and environ.get(own, "").strip():
+        values["api_key"] = environ[own].strip()
+        return
+    source = next(name for name in ("OPENAI_API_KEY", "DEEPSEEK_API_KEY") if environ.get(name, "").strip())
+    if source == "OPENAI_API_KEY" and base_url == environ.get("OPENAI_BASE_URL", "").strip():
+        return  # the OpenAI SDK's own pair, for any OpenAI-compatible server
+    logger.warning(
+        "the key in %s is sent to %s; if it is not that provider's key, set LLM_API_KEY to the right one",
+        source,
+        host,
+    )

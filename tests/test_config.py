@@ -141,3 +141,41 @@ def test_the_key_never_shows_in_the_configs_repr() -> None:
 def test_the_key_has_no_command_line_flag() -> None:
     with pytest.raises(SystemExit):
         load_config(["--api-key", "sk-x"], {})
+
+
+def test_with_both_vendors_keys_set_each_vendors_url_gets_its_own_key() -> None:
+    both = {"OPENAI_API_KEY": "sk-openai", "DEEPSEEK_API_KEY": "sk-deepseek", "LLM_MODEL": "m"}
+
+    to_deepseek = load_config([], {**both, "LLM_BASE_URL": "https://api.deepseek.com"})
+    to_openai = load_config([], {**both, "LLM_BASE_URL": "https://api.openai.com/v1"})
+
+    assert (to_deepseek.api_key, to_openai.api_key) == ("sk-deepseek", "sk-openai")
+
+
+def test_a_vendors_key_sent_to_another_host_is_warned_of_without_showing_it(caplog: pytest.LogCaptureFixture) -> None:
+    env = {"LLM_BASE_URL": "https://openrouter.ai/api/v1", "OPENAI_API_KEY": "sk-openai-canary", "LLM_MODEL": "m"}
+
+    config = load_config([], env)
+
+    assert config.api_key == "sk-openai-canary", "as documented: the first key variable set"
+    assert "OPENAI_API_KEY" in caplog.text and "openrouter.ai" in caplog.text
+    assert "canary" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        pytest.param(
+            {"LLM_BASE_URL": "http://vllm.internal:8000/v1", "LLM_API_KEY": "k", "OPENAI_API_KEY": "o"},
+            id="LLM_API_KEY, meant for LLM_BASE_URL",
+        ),
+        pytest.param(
+            {"OPENAI_BASE_URL": "http://vllm.internal:8000/v1", "OPENAI_API_KEY": "o"},
+            id="the OpenAI SDK's pair of variables",
+        ),
+    ],
+)
+def test_a_key_meant_for_the_base_url_is_not_warned_of(env: dict[str, str], caplog: pytest.LogCaptureFixture) -> None:
+    load_config([], {**env, "LLM_MODEL": "m"})
+
+    assert caplog.text == ""
