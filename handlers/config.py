@@ -389,12 +389,13 @@ def normal_origin(origin: str) -> str:
     """An origin as browsers send it: lower-case scheme and host, no default port, no final slash."""
     try:
         url = URL(origin.strip())
+        name = url.host  # decoded only now (IDNA), and may fail here too
         port = "" if url.is_default_port() else f":{url.port}"
-    except ValueError:  # not a URL yarl can read (a bad IPv6 host, a port past 65535): matches no origin
+    except ValueError:  # not a URL yarl can read (a bad IPv6 host or IDNA name, a port past 65535)
         return origin.strip()
-    if not url.scheme or not url.host:
+    if not url.scheme or not name:
         return origin.strip()
-    host = f"[{url.host}]" if ":" in url.host else url.host
+    host = f"[{name}]" if ":" in name else name
     return f"{url.scheme.lower()}://{host.lower()}{port}"
 
 
@@ -475,10 +476,10 @@ def _is_origin(text: str) -> bool:
     """A scheme, a host and perhaps a port, as a browser's ``Origin`` header has them."""
     try:
         url = URL(text)
-        port = url.port
+        host, port = url.host, url.port  # the host decoded (IDNA) here, where its failure is caught
     except ValueError:
         return False
-    return url.scheme in ("http", "https") and bool(url.host) and url.path in ("", "/") and 0 < (port or 0) < 65536
+    return url.scheme in ("http", "https") and bool(host) and url.path in ("", "/") and 0 < (port or 0) < 65536
 
 
 def _validate_redis_url(url: str) -> None:

@@ -1199,6 +1199,7 @@ async def test_a_json_content_type_with_a_charset_is_json(relay_to: RelayFactory
         pytest.param("GET", {"Origin": "null"}, {"params": {"prompt": "hi"}}, id="a sandboxed page (Origin: null)"),
         pytest.param("GET", {"Origin": "http://["}, {"params": {"prompt": "hi"}}, id="an Origin that is no URL"),
         pytest.param("GET", {"Origin": "http://a:99999"}, {"params": {"prompt": "hi"}}, id="an Origin past port 65535"),
+        pytest.param("GET", {"Origin": "http://xn--"}, {"params": {"prompt": "hi"}}, id="an Origin of a bad IDNA name"),
     ],
 )
 async def test_a_page_of_another_origin_is_refused_with_403_before_the_provider_hears_of_it(

@@ -96,6 +96,8 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         (["--cors-origins", "https://app.example.com:70000"], "CORS origin"),
         (["--redis-url", "redis://[bad"], "Redis URL"),
         (["--rate-limit", "0/minute"], "refuse every request"),
+        (["--base-url", "http://xn--/v1", "--model", "m"], "absolute http"),
+        (["--cors-origins", "https://xn--a.com"], "CORS origin"),
     ],
     ids=[
         "url-without-scheme",
@@ -115,6 +117,8 @@ def test_a_key_without_a_base_url_is_refused_with_advice() -> None:
         "cors-origin-with-a-port-past-65535",
         "redis-url-with-a-broken-ipv6-host",
         "a-rate-of-zero",
+        "url-with-a-bad-idna-name",
+        "cors-origin-with-a-bad-idna-name",
     ],
 )
 def test_bad_values_fail_at_start_up_saying_what_to_fix(args: list[str], message: str) -> None:

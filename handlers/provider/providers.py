@@ -106,15 +106,16 @@ def check_base_url(base_url: Any, api_key: str | None = None) -> None:
     """
     try:
         url = URL(base_url) if isinstance(base_url, str) else None
-        port = url.port if url is not None else None
-    except ValueError:  # yarl: a bracketed host that is not an IPv6 address, a port that is not one
-        url = port = None
-    if url is None or url.scheme not in ("http", "https") or not url.host or not 0 < (port or 0) < 65536:
+        # The host is decoded (IDNA) when first read: here, where its failure is caught.
+        host, port = (url.host, url.port) if url is not None else (None, None)
+    except ValueError:  # yarl: a bracketed host that is not an IPv6 address, a bad IDNA name, a bad port
+        url = host = port = None
+    if url is None or url.scheme not in ("http", "https") or not host or not 0 < (port or 0) < 65536:
         shown: Any = base_url
         if isinstance(base_url, str) and any(c in base_url for c in "@?#"):
             # A user, password or query (with or without a scheme before them) may be secret.
             shown = "(not shown: it carries a user, password or query)"
-        elif url is not None and url.host:
+        elif host:
             shown = public_url(base_url)
         raise ConfigError(
             f"base URL {shown!r} must be an absolute http:// or https:// URL, "

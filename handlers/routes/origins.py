@@ -124,6 +124,7 @@ def _same_origin(origin: str, host: str) -> bool:
     try:
         url = URL(origin)
         sent_to = URL.build(scheme=url.scheme, authority=host)
+        # Hosts are decoded (IDNA) when first read, and may fail then.
+        return bool(url.host) and url.host == sent_to.host and url.port == sent_to.port
     except ValueError:
         return False
-    return bool(url.host) and url.host == sent_to.host and url.port == sent_to.port
