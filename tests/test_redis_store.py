@@ -34,7 +34,8 @@ def two_stores(
     url: str, **settings: Any
 ) -> contextlib.AbstractAsyncContextManager[tuple[RedisStreamStore, RedisStreamStore]]:
     """The store of the process running a stream, and the store of another process, on the Redis at ``url``."""
-    settings = {"max_streams": 100, "client_streams": 100, **settings}
+    budgets = {"stream_bytes": 64 * KIB, "total_bytes": 64 * KIB, "max_streams": 100, "client_streams": 100}
+    settings = {**budgets, **settings}
 
     @contextlib.asynccontextmanager
     async def made() -> AsyncIterator[tuple[RedisStreamStore, RedisStreamStore]]:
@@ -46,8 +47,6 @@ def two_stores(
                 client,
                 prefix=prefix,
                 retention=60,
-                stream_bytes=64 * KIB,
-                total_bytes=64 * KIB,
                 **settings,
             )
             store.start()
@@ -295,7 +294,7 @@ async def test_an_append_whose_reply_never_came_is_settled_with_what_redis_holds
     assert here == elsewhere
 
 
-async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_redis_once_it_is_back(
+async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_redis_past_what_it_confirmed(
     own_redis: RedisServer,
 ) -> None:
     async with two_stores(own_redis.url) as (owner, other):
@@ -307,16 +306,54 @@ async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_r
             with pytest.raises(StoreUnavailable):
                 # Redis cannot tell yet: the end is not numbered here.
                 await asyncio.wait_for(log.append([STORE_ERROR]), 10)
-        await log.finish()
+            await log.finish()
+            assert log.handed_over
+            # What Redis confirmed is read from here, Redis or no Redis.
+            confirmed, finished = await log.read(0)
+            assert confirmed is not None and [kind for kind, _ in confirmed.items] == ["meta"] and not finished
 
-        assert log.handed_over
-        events, _ = await log.read(0)
-        assert events is not None and [kind for kind, _ in events.items] == ["meta", "content"]
+        past, _ = await log.read(1)
+        assert past is not None and [kind for kind, _ in past.items] == ["content"]
         with pytest.raises(StoreUnavailable):
             # Nothing more here: the reader is sent to follow it from Redis, whose reaper ends it.
             await log.read(2)
-        seen = await other.get("s")
-        assert seen is not None, "another process finds it, to read it from Redis"
+        assert await other.get("s") is not None, "another process finds it, to read it from Redis"
+
+
+async def test_a_batch_redis_took_and_then_trimmed_leaves_the_writer_unable_to_tell_so_it_hands_over(
+    own_redis: RedisServer,
+) -> None:
+    # Redis runs the unanswered append, and the stream's byte budget drops what came before it:
+    # what follows this copy's last event is gone from Redis, which is not the same as Redis losing it.
+    async with two_stores(own_redis.url, stream_bytes=1024) as (owner, _):
+        log = await owner.create("s", client="c")
+        await log.append([META])
+        with frozen(own_redis), pytest.raises(StoreUnavailable):
+            await log.append([content("x" * 400) for _ in range(4)])
+
+        with pytest.raises(StoreUnavailable):
+            await log.append([STORE_ERROR])
+        await log.finish()
+
+        assert log.handed_over, "its end is not numbered here, where it could name an event Redis has"
+
+
+async def test_a_redis_that_went_away_before_the_append_was_written_ends_the_stream_here_in_order(
+    own_redis: RedisServer,
+) -> None:
+    async with two_stores(own_redis.url) as (owner, _):
+        log = await owner.create("s", client="c")
+        await log.append([META, content("a")])
+        own_redis.stop()
+        await asyncio.sleep(0.2)  # the store's connection hears that it closed
+
+        with pytest.raises(StoreUnavailable):
+            await log.append([content("b")])
+        await log.append([STORE_ERROR])
+        await log.finish()
+
+        assert not log.handed_over, "nothing was written: the end is this process's to number"
+        assert [(seq, kind) for seq, kind, _ in await ends(log)] == [(1, "meta"), (2, "content"), (3, "error")]
 
 
 async def test_a_stream_redis_lost_is_a_retryable_failure_for_a_reader_elsewhere_not_a_gap_of_its_own(

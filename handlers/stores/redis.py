@@ -282,9 +282,14 @@ class _Calls:
         for attempt in range(2):
             results: list[Any] = []
             try:
+                reader = getattr(connection, "_reader", None)
+                if reader is not None and reader.at_eof():
+                    # Closed by Redis meanwhile (it restarted, or went away): nothing written to it arrives.
+                    await connection.disconnect(nowait=True)
                 await connection.connect()  # type: ignore[no-untyped-call]
-                self._written = True
                 await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
+                # Sent on a connection that was open: Redis may run it, whatever becomes of the replies.
+                self._written = True
                 for _ in commands:
                     try:
                         results.append(await connection.read_response())
@@ -576,11 +581,14 @@ class _OwnedLog(StreamLog):
                 if events is None:
                     break
                 await self._keep(events.items)
-        except (_Lost, LogGap, ValueError):
-            # Redis lost the stream (restarted without persistence, flushed): it holds nothing to agree with.
+        except (_Lost, ValueError):
+            # Redis lost the stream, or the events this copy has (restarted without persistence,
+            # flushed): it holds nothing to agree with.
             self._uncertain = False
             return
-        except RelayError:
+        except (LogGap, RelayError):
+            # Unreachable; or Redis has moved past this copy (its byte budget trimmed the batch it
+            # took): either way this process cannot tell how the stream goes on.
             raise StoreUnavailable(uncertain=True) from None
         self._broken = self._uncertain = False
         if self._closed:
@@ -624,12 +632,7 @@ class _OwnedLog(StreamLog):
 
     async def read(self, after: int, max_bytes: int = READ_BYTES) -> tuple[Events | None, bool]:
         if self._uncertain:
-            # Only Redis knows how the stream goes on; a reader with nothing more to take from it
-            # here goes to read it from Redis, as any other process's readers do.
-            events, finished = await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
-            if events is None and not finished:
-                raise StoreUnavailable("the stream store failed this stream's writer; resume to follow it")
-            return events, finished
+            return await self._read_handed_over(after, max_bytes)
         try:
             return await self._mirror.read(after, max_bytes)
         except (LogGap, ValueError):
@@ -638,6 +641,23 @@ class _OwnedLog(StreamLog):
             if self._broken:
                 raise
             return await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
+
+    async def _read_handed_over(self, after: int, max_bytes: int) -> tuple[Events | None, bool]:
+        """Confirmed events from this copy; past them, only Redis knows how the stream goes on.
+
+        A reader with nothing more to take from Redis here is sent (with a
+        resumable error) to read the stream from Redis, as any other
+        process's readers do. This copy never says it is finished: it has
+        no end.
+        """
+        if after < self._last:
+            with contextlib.suppress(LogGap, ValueError):
+                events, _ = await self._mirror.read(after, max_bytes)
+                return events, False
+        events, finished = await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
+        if events is None and not finished:
+            raise StoreUnavailable("the stream store failed this stream's writer; resume to follow it")
+        return events, finished
 
     def subscribe(self, wake: Callable[[], None]) -> None:
         self._mirror.subscribe(wake)
