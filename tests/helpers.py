@@ -8,6 +8,7 @@ and records every request it receives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import shutil
@@ -16,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -355,11 +356,12 @@ class RedisServer:
             self._process.wait()
             self._process = None
 
-    def freeze(self) -> None:
-        """Stop the server's process (SIGSTOP): what it was sent waits, unread, until :meth:`thaw`."""
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """The server's process stopped (SIGSTOP) for the block: what it is sent waits unread, and its replies."""
         assert self._process is not None
         self._process.send_signal(signal.SIGSTOP)
-
-    def thaw(self) -> None:
-        assert self._process is not None
-        self._process.send_signal(signal.SIGCONT)
+        try:
+            yield
+        finally:
+            self._process.send_signal(signal.SIGCONT)

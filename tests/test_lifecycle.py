@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import re
 import socket
 import sys
@@ -25,7 +26,19 @@ from aiohttp import ClientResponse, web
 from aiohttp.pytest_plugin import AiohttpClient, AiohttpServer
 from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web_runner import BaseRunner
-from helpers import Received, RelayFactory, chunk, collect, eventually, kinds, parse_sse, sse, text_of, types
+from helpers import (
+    Received,
+    RedisServer,
+    RelayFactory,
+    chunk,
+    collect,
+    eventually,
+    kinds,
+    parse_sse,
+    sse,
+    text_of,
+    types,
+)
 
 from handlers.app import create_app
 from handlers.config import Config
@@ -35,7 +48,7 @@ from handlers.provider.upstream import Upstream
 from handlers.routes.chat_request import ChatRequest
 from handlers.stores.log import Events
 from handlers.stores.memory import MemoryStreamLog, MemoryStreamStore
-from handlers.streams.generation import Generation, Streams
+from handlers.streams.generation import Generation, Streams, cancelled
 
 Client = TestClient[web.Request, web.Application]
 
@@ -384,6 +397,31 @@ async def test_a_cancelled_stream_replays_to_its_cancelled_error_for_a_late_read
     replayed = await collect(client, path=f"/stream/{stream_id}")
 
     assert replayed == live
+
+
+async def test_a_stop_while_the_streams_end_waits_on_a_frozen_redis_leaves_it_ended_counted_and_logged(
+    relay_to_upstream: RelayFactory,
+    upstream: ScriptedProvider,
+    redis_settings: dict[str, Any],
+    own_redis: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="handlers.streams.generation")
+    upstream.script = sends_one_chunk_then_falls_silent
+    client = await relay_to_upstream(**{**redis_settings, "redis_url": own_redis.url})
+    async with client.get("/stream", params={"prompt": "hi"}) as stream:
+        meta = orjson.loads((await stream.content.readuntil(b"\n\n")).split(b"data: ")[1])
+        with own_redis.frozen():
+            rest = asyncio.create_task(stream.read())
+            # The chunk's append is given up on after 5 s; the stream's end then waits on Redis too.
+            await asyncio.sleep(7.5)
+            generation = streams_of(client).get(meta["stream"])
+            assert generation is not None and generation.stop(cancelled())
+        await asyncio.wait_for(rest, 15)
+
+    assert b"event: error" in rest.result()
+    ended = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream ended")]
+    assert len(ended) == 1 and "outcome=store_unavailable" in ended[0]
 
 
 @pytest.mark.parametrize("method", CANCEL_METHODS)

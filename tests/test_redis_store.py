@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -260,16 +260,6 @@ async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
         await server.wait_closed()
 
 
-@contextlib.contextmanager
-def frozen(redis: RedisServer) -> Iterator[None]:
-    """Redis stopped (SIGSTOP) for the block: what it is sent waits unread, and its replies with it."""
-    redis.freeze()
-    try:
-        yield
-    finally:
-        redis.thaw()
-
-
 STORE_ERROR = ("error", b'{"type":"error","code":"store_unavailable","retryable":true}')
 
 
@@ -281,7 +271,7 @@ async def test_an_append_whose_reply_never_came_is_settled_with_what_redis_holds
     async with two_stores(own_redis.url) as (owner, other):
         log = await owner.create("s", client="c")
         await log.append([META])
-        with frozen(own_redis), pytest.raises(StoreUnavailable):
+        with own_redis.frozen(), pytest.raises(StoreUnavailable):
             await log.append([content("a real token")])
         # As the generation does: its end, then finish.
         await log.append([STORE_ERROR])
@@ -300,7 +290,7 @@ async def test_a_stream_whose_writer_cannot_tell_what_redis_holds_is_read_from_r
     async with two_stores(own_redis.url) as (owner, other):
         log = await owner.create("s", client="c")
         await log.append([META])
-        with frozen(own_redis):
+        with own_redis.frozen():
             with pytest.raises(StoreUnavailable):
                 await log.append([content("a real token")])
             with pytest.raises(StoreUnavailable):
@@ -328,7 +318,7 @@ async def test_a_batch_redis_took_and_then_trimmed_leaves_the_writer_unable_to_t
     async with two_stores(own_redis.url, stream_bytes=1024) as (owner, _):
         log = await owner.create("s", client="c")
         await log.append([META])
-        with frozen(own_redis), pytest.raises(StoreUnavailable):
+        with own_redis.frozen(), pytest.raises(StoreUnavailable):
             await log.append([content("x" * 400) for _ in range(4)])
 
         with pytest.raises(StoreUnavailable):

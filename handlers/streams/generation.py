@@ -164,6 +164,8 @@ class Generation:
         self.outcome = "running"
         self._started = False
         self._cancelled = False
+        # Writing the log's end, which may wait on the store: a Stop then has nothing left to stop.
+        self._ending = False
         self._finished = False
         self._stop_reason: RelayError | None = None
         self._abandon: asyncio.TimerHandle | None = None
@@ -280,7 +282,7 @@ class Generation:
         # never finish the log); one that has not started sees the reason on entry.
         # It is cancelled once: a second cancellation (a Stop heard twice) would land in
         # the middle of writing the log's end.
-        if self._started and not self._cancelled:
+        if self._started and not self._cancelled and not self._ending:
             self._cancelled = True
             assert self.task is not None
             self.task.cancel()
@@ -343,6 +345,7 @@ class Generation:
             logger.exception("stream %s failed", self.id)
             failure = RelayError("the relay failed unexpectedly; see the server log")
         finally:
+            self._ending = True
             try:
                 if failure is not None:
                     self.outcome = failure.code
