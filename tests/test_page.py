@@ -486,6 +486,25 @@ async def test_an_image_from_another_origin_shows_as_a_link_to_it(
         assert tab.problems == []
 
 
+async def test_an_image_of_the_pages_own_origin_shows_as_a_link_and_asks_the_relay_nothing(
+    serve: Serve, fake: FakeProvider, browser: Any
+) -> None:
+    # What a prompt injection would write to start answers in the user's name.
+    server = await serve(base_url=fake.base_url, model="m")
+    fake.reply = answer("![Chart](stream?prompt=spend)\n\n", "After.\n")
+    async with opened(browser, str(server.make_url("/"))) as tab:
+        page = tab.page
+        await ask(page, "Draw it")
+        await answered(page)
+        await page.wait_for_timeout(300)
+
+        body = page.locator("#messages article.assistant .answer")
+        assert await body.locator("img").count() == 0
+        assert await body.locator("a").inner_text() == "Chart"
+        assert len(fake.requests) == 1, "only the question was asked"
+        assert tab.problems == []
+
+
 async def test_a_tables_column_alignment_holds_without_an_inline_style(
     serve: Serve, fake: FakeProvider, browser: Any
 ) -> None:

@@ -52,10 +52,11 @@ DOMPurify.addHook("afterSanitizeAttributes", (node) => {
 });
 
 /**
- * The CSP lets images come from the page's own origin (and data: URLs) only: an image of another
- * origin would not load, and its request would be reported as a violation. Put a link to it in its
- * place, while the node is still in DOMPurify's inert document, before anything tries to load it.
- * (The new link is sanitised next, as DOMPurify walks on.)
+ * Model output may show images as data: URLs only. An image of another origin would not load under
+ * the CSP (its request reported as a violation); one of the page's own origin would be a request in
+ * the user's name that a prompt injection chooses (`![](stream?prompt=…)` starts a paid answer). Put
+ * a link to it in its place, while the node is still in DOMPurify's inert document, before anything
+ * tries to load it. (The new link is sanitised next, as DOMPurify walks on.)
  */
 function linkForeignImage(image) {
   const source = image.getAttribute("src") || "";
@@ -65,7 +66,7 @@ function linkForeignImage(image) {
   } catch {
     url = null;
   }
-  if (url && (url.protocol === "data:" || url.origin === location.origin)) return;
+  if (url && url.protocol === "data:") return;
   if (url && (url.protocol === "https:" || url.protocol === "http:")) {
     const link = image.ownerDocument.createElement("a");
     link.href = url.href;
