@@ -73,6 +73,8 @@ class EventSink:
         self._loop = asyncio.get_running_loop()
         # When the write now pending began, or last made progress (loop time); None when no write is pending.
         self.write_started: float | None = None
+        # When the last write began (loop time).
+        self.last_write = self._loop.time()
         # The transport's unsent bytes when the watchdog last looked at the pending write.
         self._unsent: int | None = None
 
@@ -137,7 +139,7 @@ class EventSink:
 
     async def _write(self, data: bytes, last: bool = False) -> None:
         """Write ``data`` (whole events) in one write; with ``last``, end the response's body in the same write."""
-        self.write_started = self._loop.time()
+        self.write_started = self.last_write = self._loop.time()
         self._unsent = None
         try:
             if last:
@@ -205,13 +207,12 @@ class NDJSONSink(EventSink):
     def __init__(self, request: web.BaseRequest, response: web.StreamResponse, keepalive: float) -> None:
         super().__init__(request, response)
         self._keepalive = keepalive
-        self._last_write = self._loop.time()
         self._ended = False
         self._timer = self._loop.call_later(keepalive, self._tick) if keepalive > 0 else None
         self._pinging: asyncio.Task[None] | None = None  # held: the loop keeps only a weak reference
 
     def _tick(self) -> None:
-        due = self._last_write + self._keepalive
+        due = self.last_write + self._keepalive
         if self._loop.time() < due:
             self._timer = self._loop.call_at(due, self._tick)
             return
@@ -226,12 +227,6 @@ class NDJSONSink(EventSink):
         with contextlib.suppress(ClientGone):
             await self._write(b"\n")
 
-    async def _write(self, data: bytes, last: bool = False) -> None:
-        self._last_write = self._loop.time()
-        if last:
-            self._stop_pings()
-        await super()._write(data, last)
-
     def _stop_pings(self) -> None:
         self._ended = True
         if self._timer is not None:
@@ -240,7 +235,10 @@ class NDJSONSink(EventSink):
 
     async def send_events(self, events: Events) -> None:
         items = events.items
-        await self._write(b"".join([data + b"\n" for _, data in items]), items[-1][0] in _LAST_KINDS)
+        last = items[-1][0] in _LAST_KINDS
+        if last:
+            self._stop_pings()
+        await self._write(b"".join([data + b"\n" for _, data in items]), last)
 
     async def send(self, event: dict[str, Any]) -> None:
         await self._write(orjson.dumps(event) + b"\n")

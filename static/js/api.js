@@ -127,6 +127,7 @@ export class Api {
           });
         } catch (error) {
           if (stopped) return;
+          refused = null; // what the server last said no longer holds: it cannot be reached now
           continue; // Still offline: try again.
         }
         if (response.status === 204) return;
