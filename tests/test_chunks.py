@@ -248,3 +248,14 @@ def test_a_tool_call_without_an_index_is_the_first_call(index: dict[str, Any]) -
 
     assert translator.error is None
     assert out == [{"type": "tool_call", "index": 0, "id": "call_1", "name": "get_weather", "arguments": "{}"}]
+
+
+def test_calls_without_an_index_sent_together_are_told_apart_by_their_place() -> None:
+    calls = [
+        {"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": "{}"}}
+        for name in ("get_weather", "get_time")
+    ]
+
+    out = ChunkTranslator().feed([delta(tool_calls=calls)])
+
+    assert [(event["index"], event["name"]) for event in out] == [(0, "get_weather"), (1, "get_time")]

@@ -143,9 +143,9 @@ class ChunkTranslator:
             self._parts(content, out)
         tool_calls = delta.get("tool_calls")
         if isinstance(tool_calls, list):
-            for call in tool_calls:
+            for position, call in enumerate(tool_calls):
                 if isinstance(call, dict):
-                    out.append(_tool_call(call))
+                    out.append(_tool_call(call, position))
 
     def _content(self, text: str, out: list[Event]) -> None:
         """Content text, through the thinking-block splitter (``_delta`` inlines this: it runs per token)."""
@@ -221,11 +221,12 @@ def _joined_text(value: Any) -> str:
     return "".join(part["text"] for part in value if isinstance(part, dict) and isinstance(part.get("text"), str))
 
 
-def _tool_call(call: dict[str, Any]) -> Event:
+def _tool_call(call: dict[str, Any], position: int) -> Event:
     index = call.get("index")
     if index is None:
-        # Left out, or null: servers that stream one call at a time (Gemini's, Ollama's) may send no index.
-        index = 0
+        # Left out, or null: servers that send each call whole (Gemini's, Ollama's) may give no index;
+        # several calls in one chunk are then told apart by their place in it.
+        index = position
     if not isinstance(index, int) or isinstance(index, bool):
         raise UpstreamProtocolError(f"the provider sent a tool call whose index is not a number: {str(index)[:50]}")
     event: Event = {"type": "tool_call", "index": index}
