@@ -409,3 +409,21 @@ async def test_a_stream_whose_making_was_cancelled_gives_back_its_slot_at_once(s
                     await asyncio.sleep(0.05)
 
     assert log.stream_id == "s2"
+
+
+async def test_a_reader_whose_joining_was_cancelled_is_not_left_registered(
+    pair: tuple[RedisStreamStore, RedisStreamStore],
+) -> None:
+    # A registration left standing would hold the stream's disconnect grace for a whole lease.
+    owner, other = pair
+    log = await owner.create("s", client="c")
+    await log.append([META])
+    joining = asyncio.create_task(other.reader_joined("s"))
+    await asyncio.sleep(0)  # its script is on its way
+    joining.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await joining
+
+    await asyncio.sleep(0.3)  # its script has run, and whatever follows it
+
+    assert await owner.readers_elsewhere("s") == 0

@@ -841,11 +841,22 @@ class RedisStreamStore(StreamStore):
         count = self._reading.get(stream_id, 0)
         self._reading[stream_id] = count + 1
         if count == 0:
+            call = self.calls.submit(
+                "JOIN", self.prefix, stream_id, self.process, int(LEASE * 1000), self.running_ttl_ms
+            )
             try:
-                await self.calls("JOIN", self.prefix, stream_id, self.process, int(LEASE * 1000), self.running_ttl_ms)
+                await asyncio.shield(call)
             except BaseException:
                 self._left(stream_id)
+                # Cancelled, the script runs all the same: unregister then, unless a reader here has come
+                # since (a registration left standing would hold the stream's disconnect grace for a lease).
+                call.add_done_callback(functools.partial(self._unjoin, stream_id))
                 raise
+
+    def _unjoin(self, stream_id: str, call: asyncio.Future[Any]) -> None:
+        if call.cancelled() or call.exception() is not None or stream_id in self._reading:
+            return
+        self.calls.submit("LEAVE", self.prefix, stream_id, self.process).add_done_callback(_ignore_outcome)
 
     async def reader_left(self, stream_id: str) -> None:
         if self._left(stream_id):
