@@ -658,7 +658,7 @@ def _choose_key(values: dict[str, Any], environ: Mapping[str, str]) -> None:
         host = URL(base_url).host if isinstance(base_url, str) else None
     except ValueError:
         return  # refused when the configuration is checked
-    own = _OWN_KEYS.get(host or "")
+    own = _OWN_KEYS.get((host or "").rstrip("."))
     if own is not None and environ.get(own, "").strip():
         values["api_key"] = environ[own].strip()
         return

@@ -152,8 +152,10 @@ def test_with_both_vendors_keys_set_each_vendors_url_gets_its_own_key() -> None:
 
     to_deepseek = load_config([], {**both, "LLM_BASE_URL": "https://api.deepseek.com"})
     to_openai = load_config([], {**both, "LLM_BASE_URL": "https://api.openai.com/v1"})
+    to_deepseek_dotted = load_config([], {**both, "LLM_BASE_URL": "https://api.deepseek.com./"})
 
     assert (to_deepseek.api_key, to_openai.api_key) == ("sk-deepseek", "sk-openai")
+    assert to_deepseek_dotted.api_key == "sk-deepseek", "the host's final dot changes nothing"
 
 
 def test_a_vendors_key_sent_to_another_host_is_warned_of_without_showing_it(caplog: pytest.LogCaptureFixture) -> None:

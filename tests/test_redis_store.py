@@ -427,3 +427,76 @@ async def test_a_reader_whose_joining_was_cancelled_is_not_left_registered(
     await asyncio.sleep(0.3)  # its script has run, and whatever follows it
 
     assert await owner.readers_elsewhere("s") == 0
+
+
+class CutAfterOneCommand:
+    """A TCP proxy to Redis that passes one script call of the next batch, then resets, and lets no one in again.
+
+    What a network drop in the middle of a large write does: Redis ran the
+    first call of the batch, and the writer's send fails partway.
+    """
+
+    MARKER = b"\r\n$7\r\nEVALSHA\r\n"
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port = redis_port
+        self.armed = False
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", self.redis_port)
+
+        async def back() -> None:
+            while data := await redis_reader.read(65536):
+                client_writer.write(data)
+
+        replies = asyncio.create_task(back())
+        pending = b""
+        while data := await client_reader.read(65536):
+            if not self.armed:
+                redis_writer.write(data)
+                continue
+            pending += data
+            first = pending.find(self.MARKER)
+            second = pending.find(self.MARKER, first + 1)
+            if second < 0:
+                continue
+            redis_writer.write(pending[: pending.rfind(b"*", 0, second)])
+            await asyncio.sleep(0.3)  # Redis runs it
+            assert self.server is not None
+            self.server.close()
+            client_writer.transport.abort()
+            break
+        replies.cancel()
+        redis_writer.close()
+
+
+async def test_a_batch_cut_partway_through_its_write_leaves_the_writer_unable_to_tell_so_it_hands_over(
+    own_redis: RedisServer,
+) -> None:
+    proxy = CutAfterOneCommand(own_redis.port)
+    proxy_port = await proxy.start()
+    async with two_stores(own_redis.url, stream_bytes=1 << 30, total_bytes=1 << 30) as (owner, _):
+        pool = owner.client.connection_pool
+        owner.calls._connection = pool.connection_class(
+            **{**pool.connection_kwargs, "port": proxy_port, "socket_timeout": None}
+        )
+        small, large = await owner.create("a", client="c"), await owner.create("b", client="c")
+        await small.append([META])
+        await large.append([META])
+        proxy.armed = True
+
+        # One batch: the small append, then one large enough that its write waits on the cut connection.
+        failed = await asyncio.gather(
+            small.append([content("token A")]), large.append([content("x" * (40 << 20))]), return_exceptions=True
+        )
+        assert all(isinstance(failure, StoreUnavailable) for failure in failed)
+        with pytest.raises(StoreUnavailable):
+            await small.append([STORE_ERROR])
+        await small.finish()
+
+    assert small.handed_over, "Redis ran the small append: its end is not numbered here"

@@ -283,13 +283,14 @@ class _Calls:
             results: list[Any] = []
             try:
                 reader = getattr(connection, "_reader", None)
-                if reader is not None and reader.at_eof():
-                    # Closed by Redis meanwhile (it restarted, or went away): nothing written to it arrives.
+                if reader is not None and (reader.at_eof() or reader.exception() is not None):
+                    # Closed or reset meanwhile (Redis restarted, or went away): nothing written to it arrives.
                     await connection.disconnect(nowait=True)
                 await connection.connect()  # type: ignore[no-untyped-call]
-                await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
-                # Sent on a connection that was open: Redis may run it, whatever becomes of the replies.
+                # From here bytes may leave, and Redis may run every whole command that reaches it,
+                # even if the write fails partway or no reply comes.
                 self._written = True
+                await connection.send_packed_command(connection.pack_commands(commands), check_health=False)
                 for _ in commands:
                     try:
                         results.append(await connection.read_response())
