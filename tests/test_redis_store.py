@@ -232,9 +232,12 @@ async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         held.append(writer)
-        with contextlib.suppress(ConnectionError):
-            while await reader.read(65536):
-                pass
+        try:
+            with contextlib.suppress(ConnectionError):
+                while await reader.read(65536):
+                    pass
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -255,6 +258,7 @@ async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
         await store.close()
         await client.aclose()
         server.close()
+        await asyncio.sleep(0.1)  # connections accepted last get to their handler, and into ``held``
         for writer in held:
             writer.close()
         await server.wait_closed()
@@ -456,23 +460,26 @@ class CutAfterOneCommand:
 
         replies = asyncio.create_task(back())
         pending = b""
-        while data := await client_reader.read(65536):
-            if not self.armed:
-                redis_writer.write(data)
-                continue
-            pending += data
-            first = pending.find(self.MARKER)
-            second = pending.find(self.MARKER, first + 1)
-            if second < 0:
-                continue
-            redis_writer.write(pending[: pending.rfind(b"*", 0, second)])
-            await asyncio.sleep(0.3)  # Redis runs it
-            assert self.server is not None
-            self.server.close()
-            client_writer.transport.abort()
-            break
-        replies.cancel()
-        redis_writer.close()
+        try:
+            while data := await client_reader.read(65536):
+                if not self.armed:
+                    redis_writer.write(data)
+                    continue
+                pending += data
+                first = pending.find(self.MARKER)
+                second = pending.find(self.MARKER, first + 1)
+                if second < 0:
+                    continue
+                redis_writer.write(pending[: pending.rfind(b"*", 0, second)])
+                await asyncio.sleep(0.3)  # Redis runs it
+                assert self.server is not None
+                self.server.close()
+                client_writer.transport.abort()
+                break
+        finally:
+            replies.cancel()
+            redis_writer.close()
+            client_writer.close()
 
 
 async def test_a_batch_cut_partway_through_its_write_leaves_the_writer_unable_to_tell_so_it_hands_over(
