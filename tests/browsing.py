@@ -82,6 +82,17 @@ async def answered(page: Any, count: int = 1) -> None:
     )
 
 
+async def chats_listed(page: Any, titles: list[str]) -> None:
+    """Wait until the chat list shows exactly ``titles``, in order (a search answers in its own time)."""
+    await page.wait_for_function(
+        """(titles) => JSON.stringify(
+            [...document.querySelectorAll("#chat-list .chat-open")].map((chat) => chat.textContent)
+        ) === JSON.stringify(titles)""",
+        arg=titles,
+        timeout=WAIT,
+    )
+
+
 async def stored_chats(page: Any) -> list[dict[str, Any]]:
     """The conversations the page keeps in IndexedDB, whole, oldest first (call once the page is ready)."""
     chats: list[dict[str, Any]] = await page.evaluate(

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from browsing import WAIT, Serve, answer, answered, ask, opened, ready, stored_chats
+from browsing import WAIT, Serve, answer, answered, ask, chats_listed, opened, ready, stored_chats
 from helpers import DATA, FakeProvider, Reply, chunk, sse
 
 # localStorage as the previous page (before IndexedDB) left it at "/": two conversations, one
@@ -70,7 +70,6 @@ async def test_conversations_the_old_page_kept_in_local_storage_move_to_indexedd
         assert await page.locator("#messages article.assistant .status").inner_text() == "Stopped."
 
         await page.get_by_role("button", name="What is the area of a circle of radius 2?", exact=True).click()
-        await page.wait_for_selector("#messages article.assistant >> nth=1", timeout=WAIT)
         await answered(page, 2)
         first = page.locator("#messages article.assistant").first
         assert await first.locator(".answer .katex").count() == 2
@@ -181,7 +180,7 @@ async def test_messages_an_earlier_version_moved_unchecked_still_show_and_are_se
             "More.",
         ]
         await page.fill("#search", "tides")  # read past the message that is nothing at all
-        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 1")
+        await chats_listed(page, ["Sea"])
         assert await page.locator("#chat-list .chat-open").all_inner_texts() == ["Sea"]
         assert tab.problems == []
 
@@ -354,15 +353,15 @@ async def test_search_finds_conversations_by_their_text(serve: Serve, fake: Fake
         listed = lambda: page.locator("#chat-list .chat-open").all_inner_texts()  # noqa: E731
 
         await page.fill("#search", "upstream")  # in an answer only
-        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 1")
+        await chats_listed(page, ["About fish"])
         assert await listed() == ["About fish"]
         await page.fill("#search", "TREES")  # in a title, any case
-        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 1")
+        await chats_listed(page, ["About trees"])
         assert await listed() == ["About trees"]
         await page.fill("#search", "penguins")
         await page.wait_for_selector("#chat-list .chat-none", timeout=WAIT)
         assert await page.locator("#chat-list").inner_text() == "No conversation matches."
         await page.fill("#search", "")
-        await page.wait_for_function("() => document.querySelectorAll('#chat-list .chat-open').length === 3")
+        await chats_listed(page, ["About trees", "About fish", "About birds"])
         assert await listed() == ["About trees", "About fish", "About birds"]
         assert tab.problems == []
