@@ -130,24 +130,18 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
 def _store(app: web.Application) -> StreamStore:
     """The memory store, or with a Redis URL the store that every process shares."""
     config = app[config_key]
+    # The same limits, whichever store holds them.
+    limits = {
+        "stream_bytes": config.stream_buffer_bytes,
+        "total_bytes": config.buffer_total_bytes,
+        "max_streams": config.max_streams,
+        "client_streams": config.client_streams,
+    }
     if config.redis_url is None:
-        return MemoryStreamStore(
-            stream_bytes=config.stream_buffer_bytes,
-            total_bytes=config.buffer_total_bytes,
-            max_streams=config.max_streams,
-            client_streams=config.client_streams,
-        )
+        return MemoryStreamStore(**limits)
     from .stores.redis import RedisStreamStore
 
-    store = RedisStreamStore(
-        app[redis_key],
-        prefix=config.redis_prefix,
-        stream_bytes=config.stream_buffer_bytes,
-        total_bytes=config.buffer_total_bytes,
-        max_streams=config.max_streams,
-        client_streams=config.client_streams,
-        retention=config.retention,
-    )
+    store = RedisStreamStore(app[redis_key], prefix=config.redis_prefix, retention=config.retention, **limits)
     store.start()
     return store
 

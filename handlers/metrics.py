@@ -135,9 +135,7 @@ def render_processes(snapshots: Mapping[str, bytes]) -> bytes:
                 metric = merged[name] = Metric(name, documentation, kind)
             for sample, labels, value in samples:
                 metric.add_sample(sample, {**labels, "process": process}, value)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fixed(list(merged.values())))
-    return generate_latest(registry)
+    return generate_latest(_Fixed(list(merged.values())))
 
 
 class _Fixed(Collector):

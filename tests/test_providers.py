@@ -225,6 +225,19 @@ async def test_metrics_tell_the_providers_apart_in_tokens_failures_and_retries(
     }
 
 
+async def test_the_demo_lists_every_model_it_accepts(aiohttp_client: Callable[..., Awaitable[Client]]) -> None:
+    client = await aiohttp_client(create_app(load_config(["--models", "x,y"], {})))
+
+    async with client.get("/models") as response:
+        listing = await response.json()
+
+    assert [(model["id"], model["provider"]) for model in listing["data"]] == [
+        ("demo", "demo"),
+        ("x", "demo"),
+        ("y", "demo"),
+    ]
+
+
 async def test_readiness_with_a_check_asks_every_provider_and_names_the_one_that_fails(
     relay_from_file: Callable[..., Awaitable[Client]], alpha: FakeProvider, beta: FakeProvider
 ) -> None:

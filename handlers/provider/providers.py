@@ -179,11 +179,11 @@ class ProviderTable:
             for provider in self.providers
             for model in provider.models
         }
-        # (model, its provider's name), the default first: what /models lists.
-        self.models: tuple[tuple[str, str], ...] = ((self.default_model, "demo"),)
-        if self._routes:
-            order = dict.fromkeys((self.default_model, *self._routes))
-            self.models = tuple((model_id, self._routes[model_id].name) for model_id in order)
+        # (model, its provider's name), the default first: what /models lists, which is what is allowed.
+        self.models: tuple[tuple[str, str], ...] = tuple(
+            (model_id, route.name if (route := self._routes.get(model_id)) else "demo")
+            for model_id in config.allowed_models
+        )
 
     def upstream(self, model: str) -> Upstream | None:
         """The upstream for an allowed model; None when the embedded demo answers every request."""

@@ -76,10 +76,18 @@ class Upstream:
 
     def request_headers(self) -> dict[str, str]:
         """The provider's own headers, then the relay's, which win."""
-        headers = {**self.headers, "Accept": "text/event-stream", "Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+        return {
+            **provider_headers(self.headers, self.api_key),
+            "Accept": "text/event-stream",
+            "Content-Type": "application/json",
+        }
+
+
+def provider_headers(headers: Mapping[str, str], api_key: str | None) -> dict[str, str]:
+    """What every request to a provider carries: its own headers, and its key (to it alone) when it has one."""
+    if api_key:
+        return {**headers, "Authorization": f"Bearer {api_key}"}
+    return dict(headers)
 
 
 async def stream_chat(

@@ -13,7 +13,7 @@ from ..errors import RelayError
 from ..keys import client_session_key, config_key, providers_key, streams_key
 from ..metrics import render_processes
 from ..provider.providers import Provider
-from ..provider.upstream import endpoint
+from ..provider.upstream import endpoint, provider_headers
 
 __all__ = ["healthz", "metrics", "models", "readyz"]
 
@@ -52,9 +52,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def _check(session: aiohttp.ClientSession, provider: Provider, named: bool) -> str | None:
     """What is wrong with the provider's ``GET /models`` (None: nothing)."""
     which = f"provider {provider.name}" if named else "the provider"
-    headers = dict(provider.headers)
-    if provider.api_key:
-        headers["Authorization"] = f"Bearer {provider.api_key}"
+    headers = provider_headers(provider.headers, provider.api_key)
     url = endpoint(provider.base_url, "models")
     try:
         async with asyncio.timeout(_READY_TIMEOUT), session.get(url, headers=headers) as response:

@@ -73,7 +73,8 @@ class Origins:
             return
         headers = request.headers
         origin = headers.get("Origin")
-        if origin is not None and normal_origin(origin) in self._origins:
+        # As sent, an allowed origin is already in its normal form: parsed only when it is not.
+        if origin is not None and self._origins and (origin in self._origins or normal_origin(origin) in self._origins):
             return
         site = headers.get("Sec-Fetch-Site")
         if site is not None:
@@ -91,10 +92,13 @@ class Origins:
 def _name(host: str) -> str:
     """The name in a Host header or setting: no port, no IPv6 brackets, lower case, no final dot."""
     host = host.strip().lower()
-    try:
-        return str(ipaddress.ip_address(host))  # a bare IPv6 address: its colons are not a port
-    except ValueError:
-        pass
+    if host.count(":") > 1 and not host.startswith("["):
+        # A bare IPv6 address: its colons are not a port. (Tried only then: a failed parse on every
+        # request's "localhost:8080" cost more than the rest of the check.)
+        try:
+            return str(ipaddress.ip_address(host))
+        except ValueError:
+            pass
     if host.startswith("["):
         host = host[1:].partition("]")[0]
     else:
