@@ -24,6 +24,7 @@ from handlers.stores.redis import RedisStreamStore, connect
 
 KIB = 1024
 META = ("meta", b'{"type":"meta"}')
+STORE_ERROR = ("error", b'{"type":"error","code":"store_unavailable","retryable":true}')
 
 
 def content(text: str) -> tuple[str, bytes]:
@@ -134,7 +135,7 @@ async def test_a_refused_write_ends_the_stream_in_this_process_and_its_end_is_ke
             await log.append([content("a")])
         assert getattr(refused.value, "code", None) == "store_unavailable"
         # The generation then logs its error event: this process's readers get it.
-        await log.append([("error", b'{"type":"error","code":"store_unavailable","retryable":true}')])
+        await log.append([STORE_ERROR])
         await log.finish()
     finally:
         await admin.config_set("maxmemory", "0")
@@ -262,9 +263,6 @@ async def test_a_redis_that_never_answers_fails_a_call_within_seconds() -> None:
         for writer in held:
             writer.close()
         await server.wait_closed()
-
-
-STORE_ERROR = ("error", b'{"type":"error","code":"store_unavailable","retryable":true}')
 
 
 async def test_an_append_whose_reply_never_came_is_settled_with_what_redis_holds_before_the_end(

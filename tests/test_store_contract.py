@@ -140,10 +140,13 @@ async def test_a_finished_log_says_so_to_readers_at_its_end(make_stores: MakeSto
     assert await seen.read(1) == (None, True)
 
 
-async def test_a_log_that_ends_with_done_or_error_reads_as_finished_everywhere(make_stores: MakeStores) -> None:
+@pytest.mark.parametrize("last", ["done", "error"])
+async def test_a_log_that_ends_with_done_or_error_reads_as_finished_everywhere(
+    make_stores: MakeStores, last: str
+) -> None:
     stores = await make_stores()
     log = await stores.create()
-    await log.append([event(1), ("done", b'{"type":"done"}')])
+    await log.append([event(1), (last, b'{"type":"%s"}' % last.encode())])
     await log.finish()
 
     assert await (await stores.view(log)).read(2) == (None, True)

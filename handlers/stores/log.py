@@ -18,6 +18,7 @@ from typing import Protocol
 __all__ = [
     "EVENT_CODES",
     "EVENT_TYPES",
+    "LAST_KINDS",
     "READ_BYTES",
     "Events",
     "LogClosed",
@@ -30,6 +31,8 @@ __all__ = [
 # The event contract's types, in the order of their one-byte codes in a log.
 EVENT_TYPES = ("meta", "reasoning", "content", "tool_call", "done", "error")
 EVENT_CODES = {kind: code for code, kind in enumerate(EVENT_TYPES)}
+# The types that end a stream's log.
+LAST_KINDS = frozenset({"done", "error"})
 
 # How much JSON text one read returns (framed, one or two write slices of a sink):
 # a reader resuming a long backlog never holds the event loop for long.

@@ -45,7 +45,18 @@ from redis.backoff import NoBackoff
 
 from ..errors import RelayError, StoreUnavailable, server_busy, too_many_streams
 from . import redis_scripts
-from .log import EVENT_CODES, EVENT_TYPES, READ_BYTES, Events, LogClosed, LogGap, Owner, StreamLog, StreamStore
+from .log import (
+    EVENT_CODES,
+    EVENT_TYPES,
+    LAST_KINDS,
+    READ_BYTES,
+    Events,
+    LogClosed,
+    LogGap,
+    Owner,
+    StreamLog,
+    StreamStore,
+)
 from .memory import MemoryStreamLog, MemoryStreamStore
 
 __all__ = ["RedisStreamStore", "connect"]
@@ -96,8 +107,6 @@ end
 return out
 """
 _SCRIPTS["LEAVE"] = "redis.call('ZREM', ARGV[1] .. ':readers:' .. ARGV[2], ARGV[3]) return 1"
-_LAST_CODES = frozenset({EVENT_CODES["done"], EVENT_CODES["error"]})
-_LAST_KINDS = frozenset({"done", "error"})
 # The newest events of each followed stream kept as the inbox brings them.
 _CACHED_EVENTS = 256
 # Errors that mean Redis is not there (a ConnectionError covers a server still loading its data).
@@ -286,7 +295,8 @@ class _Calls:
                 if reader is not None and (reader.at_eof() or reader.exception() is not None):
                     # Closed or reset meanwhile (Redis restarted, or went away): nothing written to it arrives.
                     await connection.disconnect(nowait=True)
-                await connection.connect()  # type: ignore[no-untyped-call]
+                if not connection.is_connected:
+                    await connection.connect()  # type: ignore[no-untyped-call]
                 # From here bytes may leave, and Redis may run every whole command that reaches it,
                 # even if the write fails partway or no reply comes.
                 self._written = True
@@ -340,14 +350,14 @@ class _Followed:
         if not self.first - 1 <= after <= last:
             return None
         if after == last:
-            return None, events[-1][0] in _LAST_KINDS
+            return None, events[-1][0] in LAST_KINDS
         start = after + 1 - self.first
         end, size = start, 0
         while end < len(events) and (end == start or size < max_bytes):
             size += len(events[end][1])
             end += 1
         items = events[start:end]
-        return Events(after + 1, items), end == len(events) and items[-1][0] in _LAST_KINDS
+        return Events(after + 1, items), end == len(events) and items[-1][0] in LAST_KINDS
 
 
 class _Follower:
@@ -494,6 +504,8 @@ class _OwnedLog(StreamLog):
         self.principal = mirror.principal
         self._store = store
         self._mirror = mirror
+        # The stream as Redis has it, for what this copy cannot tell.
+        self._remote = _RemoteLog(store, mirror.stream_id, mirror.principal)
         self._last = 0
         # Redis failed: the stream is ending, and its last events are kept here only.
         self._broken = False
@@ -575,13 +587,8 @@ class _OwnedLog(StreamLog):
         then Redis's to end (its reaper does, once this process's lease on
         it runs out), and readers here are sent to read it from Redis.
         """
-        remote = _RemoteLog(self._store, self.stream_id, self.principal)
         try:
-            while True:
-                events, _ = await remote.read(self._last)
-                if events is None:
-                    break
-                await self._keep(events.items)
+            await self._take_from_redis()
         except (_Lost, ValueError):
             # Redis lost the stream, or the events this copy has (restarted without persistence,
             # flushed): it holds nothing to agree with.
@@ -601,20 +608,23 @@ class _OwnedLog(StreamLog):
         When Redis has no such end (it lost the stream: restarted without persistence, flushed,
         evicted), they get a retryable error of their own rather than a silent end.
         """
-        remote = _RemoteLog(self._store, self.stream_id, self.principal)
         with contextlib.suppress(RelayError, LogGap, ValueError):
-            while True:
-                events, _ = await remote.read(self._last)
-                if events is None:
-                    break
-                await self._keep(events.items)
+            await self._take_from_redis()
         if not self._ended:
             await self._keep([("error", _store_lost())])
+
+    async def _take_from_redis(self) -> None:
+        """Keep the events Redis holds after this copy's last one."""
+        while True:
+            events, _ = await self._remote.read(self._last)
+            if events is None:
+                return
+            await self._keep(events.items)
 
     async def _keep(self, events: Sequence[tuple[str, bytes]]) -> Events:
         appended = await self._mirror.append(events)
         self._last = appended.last
-        if events[-1][0] in _LAST_KINDS:
+        if events[-1][0] in LAST_KINDS:
             self._ended = True
             # Redis finished the log with its last event.
             self._closed = True
@@ -641,7 +651,7 @@ class _OwnedLog(StreamLog):
             # has answered for it: a client handed back by another process may be ahead of it.
             if self._broken:
                 raise
-            return await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
+            return await self._remote.read(after, max_bytes)
 
     async def _read_handed_over(self, after: int, max_bytes: int) -> tuple[Events | None, bool]:
         """Confirmed events from this copy; past them, only Redis knows how the stream goes on.
@@ -655,7 +665,7 @@ class _OwnedLog(StreamLog):
             with contextlib.suppress(LogGap, ValueError):
                 events, _ = await self._mirror.read(after, max_bytes)
                 return events, False
-        events, finished = await _RemoteLog(self._store, self.stream_id, self.principal).read(after, max_bytes)
+        events, finished = await self._remote.read(after, max_bytes)
         if events is None and not finished:
             raise StoreUnavailable("the stream store failed this stream's writer; resume to follow it")
         return events, finished

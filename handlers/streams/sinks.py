@@ -35,7 +35,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from ..errors import ClientGone
-from ..stores.log import EVENT_TYPES, Events
+from ..stores.log import EVENT_TYPES, LAST_KINDS, Events
 
 __all__ = ["EventSink", "NDJSONSink", "SSESink", "open_sink"]
 
@@ -45,7 +45,6 @@ _DIRECT_WRITE_BYTES = 64 * 1024
 # The lines of an SSE event after its id.
 _FIELDS = {kind: f"event: {kind}\ndata: ".encode() for kind in EVENT_TYPES}
 # The events a stream's log ends with: nothing is written after them.
-_LAST_KINDS = frozenset({"done", "error"})
 
 
 class _HeldSSEResponse(EventSourceResponse):
@@ -176,7 +175,7 @@ class SSESink(EventSink):
             frames += (prefix, str(seq).encode(), b"\n", _FIELDS[kind], data, b"\n\n")
         if events.first == 1:
             frames[2] = self._retry  # the line after the stream's first id
-        last = events.items[-1][0] in _LAST_KINDS
+        last = events.items[-1][0] in LAST_KINDS
         if last:
             # No keep-alive comment may follow the body's end while that write waits for the client.
             self._sse.stop_streaming()
@@ -235,7 +234,7 @@ class NDJSONSink(EventSink):
 
     async def send_events(self, events: Events) -> None:
         items = events.items
-        last = items[-1][0] in _LAST_KINDS
+        last = items[-1][0] in LAST_KINDS
         if last:
             self._stop_pings()
         await self._write(b"".join([data + b"\n" for _, data in items]), last)
