@@ -2,7 +2,7 @@
 
 import { Api, ApiError, arrivedInOneBurst } from "./api.js";
 import { frames, warmUp } from "./markdown.js";
-import { StorageProblem, newChat, newId, openHistory, store } from "./store.js";
+import { StorageProblem, meta, newChat, newId, openHistory, store } from "./store.js";
 import { download, fromJson, toJson, toMarkdown } from "./transfer.js";
 import { AssistantMessage, errorWords, userMessage } from "./view.js";
 
@@ -52,8 +52,8 @@ function save() {
 /** Store a conversation, and say so on the page if the browser will not. */
 function persist(chat) {
   const entry = chats.find((c) => c.id === chat.id);
-  if (entry) Object.assign(entry, { title: chat.title, updated: chat.updated });
-  else chats.push({ id: chat.id, title: chat.title, updated: chat.updated });
+  if (entry) Object.assign(entry, meta(chat));
+  else chats.push(meta(chat));
   return conversations.save(chat).then(
     () => {
       if (ui.notice.dataset.kind === "storage" && !conversations.problem) showNotice(null);
@@ -137,7 +137,7 @@ function startNewChat() {
   if (running) stop();
   if (current && !current.messages.length) return showChat(current); // one empty conversation is enough
   const chat = newChat();
-  chats.push({ id: chat.id, title: chat.title, updated: chat.updated });
+  chats.push(meta(chat));
   showChat(chat);
 }
 

@@ -72,7 +72,8 @@ function done(target) {
   });
 }
 
-const meta = ({ id, title, updated }) => ({ id, title, updated });
+/** What the chat list keeps of a conversation. */
+export const meta = ({ id, title, updated }) => ({ id, title, updated });
 
 /** Whether a stored message's text contains `needle` (lower case); whatever else is stored, false. */
 const contains = (message, needle) =>

@@ -4,6 +4,7 @@
 // (pretty JSON once they parse), and how the request ended.
 
 import { frames } from "./markdown.js";
+import { pretty } from "./transfer.js";
 
 const STATES = {
   streaming: "writing arguments…",
@@ -70,12 +71,3 @@ export class ToolCallCard {
 }
 
 /** Arguments as indented JSON once they are whole JSON, else as they came. */
-function pretty(text) {
-  const end = text.trimEnd().at(-1);
-  if (end !== "}" && end !== "]") return text; // cheap: most partial JSON cannot parse
-  try {
-    return JSON.stringify(JSON.parse(text), null, 2);
-  } catch {
-    return text;
-  }
-}

@@ -111,7 +111,10 @@ export function toMarkdown(chat) {
   return `${parts.join("\n\n")}\n`;
 }
 
-function pretty(text) {
+/** JSON text indented for reading; anything that is not (yet) JSON, as it is. */
+export function pretty(text) {
+  const end = text.trimEnd().at(-1);
+  if (end !== "}" && end !== "]") return text; // cheap: most partial JSON cannot parse
   try {
     return JSON.stringify(JSON.parse(text), null, 2);
   } catch {

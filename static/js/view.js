@@ -81,10 +81,14 @@ export class AssistantMessage {
     this.onRetry = onRetry;
     this.onRegenerate = onRegenerate;
     this.content = "";
-    this.reasoningSoFar = "";
     this.thinkingStarted = 0;
     this.thinkingEnded = 0;
     this.timer = 0;
+  }
+
+  /** The reasoning so far: what its live markdown holds. */
+  get reasoningSoFar() {
+    return this.thoughts.text;
   }
 
   reason(text) {
@@ -94,7 +98,6 @@ export class AssistantMessage {
       this.thinking.open = true;
       this.timer = setInterval(() => this.tick(), 100);
     }
-    this.reasoningSoFar += text;
     this.thoughts.append(text);
   }
 
@@ -192,7 +195,6 @@ export class AssistantMessage {
     if (message.reasoning) {
       view.thinking.hidden = false;
       view.thoughts.append(message.reasoning);
-      view.reasoningSoFar = message.reasoning;
       view.summary.textContent =
         message.thoughtSeconds != null ? `Thought for ${message.thoughtSeconds.toFixed(1)} s` : "Thinking";
     }
